@@ -1,0 +1,70 @@
+"""Hyperparameter checks shared by the optimizer classes: every error names the argument."""
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+
+def _value(name: str, x) -> float:
+    if isinstance(x, Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"Invalid {name}: a tensor {name} must hold one element, got shape {tuple(x.shape)}")
+        return float(x.detach().reshape(()).cpu())  # construction time only, never inside step()
+    if isinstance(x, bool) or not isinstance(x, Real):
+        raise TypeError(f"Invalid {name}: expected a number, got {type(x).__name__}")
+    return float(x)
+
+
+def non_negative(name: str, x) -> None:
+    v = _value(name, x)
+    if not (v >= 0.0 and math.isfinite(v)):
+        raise ValueError(f"Invalid {name}: {v} (must be a finite number >= 0)")
+
+
+def positive(name: str, x) -> None:
+    v = _value(name, x)
+    if not (v > 0.0 and math.isfinite(v)):
+        raise ValueError(f"Invalid {name}: {v} (must be a finite number > 0)")
+
+
+def unit_interval(name: str, x, *, low_open: bool = False, high_closed: bool = False) -> None:
+    """x in [0, 1) by default; (0, 1] with low_open and high_closed."""
+    v = _value(name, x)
+    lo_ok = v > 0.0 if low_open else v >= 0.0
+    hi_ok = v <= 1.0 if high_closed else v < 1.0
+    if not (lo_ok and hi_ok):
+        rng = ("(" if low_open else "[") + "0, 1" + ("]" if high_closed else ")")
+        raise ValueError(f"Invalid {name}: {v} (must lie in {rng})")
+
+
+def betas(x) -> None:
+    if not (isinstance(x, (tuple, list)) and len(x) == 2):
+        raise ValueError(f"Invalid betas: {x!r} (expected a pair (beta1, beta2))")
+    unit_interval("betas[0]", x[0])
+    unit_interval("betas[1]", x[1])
+
+
+def choice(name: str, x, options) -> None:
+    if x not in options:
+        raise ValueError(f"Invalid {name}: {x!r} (expected one of {tuple(options)})")
+
+
+def flag(name: str, x) -> None:
+    if not isinstance(x, bool):
+        raise TypeError(f"Invalid {name}: expected True or False, got {x!r}")
+
+
+def grad_ok(p: Tensor) -> None:
+    """Reject what no backend supports, before anything is written."""
+    g = p.grad
+    if g is None:
+        return
+    if g.is_sparse or g.layout != torch.strided:
+        raise TypeError("fusedecay optimizers do not support sparse gradients (param.grad is sparse)")
+    if torch.is_complex(g) or torch.is_complex(p):
+        raise TypeError("fusedecay optimizers do not support complex parameters or gradients")
+    if not p.is_floating_point():
+        raise TypeError(f"fusedecay optimizers need floating-point parameters, got {p.dtype}")

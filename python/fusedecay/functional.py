@@ -1,0 +1,163 @@
+"""Functional API, in the style of ``torch.optim.adamw.adamw``: the one entry point that the
+optimizer classes, the distributed wrappers and the benchmarks call.
+
+:func:`adam_decay` runs one AdamHD/AdamC step over lists of tensors:
+  1. t ← t + 1 for every state step (one foreach launch);
+  2. per (device, dtype) bucket, the chosen backend's multi-tensor kernel does moments, preconditioned
+     step, decay and writes Σ|θ_t| per tensor — one pass over parameter memory;
+  3. if δ tracks the weights (``delta_mode`` "mean" or "ema"), μ ← β0·μ + (1 − β0)·Σ|θ_t|/numel for all
+     tensors at once (a few tiny launches, no host sync). ``abs_sum_reduce`` lets a sharded caller
+     all-reduce the partial sums first (one collective for all layers).
+
+:func:`scionc` runs one ScionC step: momentum, LMO (``lmo_fn`` lets a caller replace how directions
+are computed, e.g. batched or distributed Newton–Schulz), then the decayed update.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import backends as _backends
+from .reference import adam_decay as _ref_adam
+from .reference import scion as _ref_scion
+
+DELTA_MODES = ("ema", "mean", "fixed")
+UPDATES = ("prox", "euler")
+
+
+def _buckets(tensors: Sequence[Tensor]) -> Dict[Tuple[torch.device, torch.dtype], List[int]]:
+    out: Dict[Tuple[torch.device, torch.dtype], List[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        out[(t.device, t.dtype)].append(i)
+    return out
+
+
+def _mu_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+def init_delta_mu(param: Tensor) -> Tensor:
+    """μ_0 = mean|θ_0| as a 0-d tensor on the param's device (mean of an empty tensor is 0)."""
+    dt = _mu_dtype(param.dtype)
+    s = param.detach().to(dt).abs().sum()
+    return s / max(param.numel(), 1)
+
+
+@torch.no_grad()
+def adam_decay(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+               state_steps: List[Tensor], delta_mus: Optional[List[Tensor]], *, lr: Union[float, Tensor],
+               beta1: float, beta2: float, eps: float, weight_decay: float, decay: str, delta_mode: str = "fixed",
+               delta: Optional[float] = None, delta_scale: float = 1.0, delta_beta: float = 0.99,
+               max_lr: Optional[Union[float, Tensor]] = None, bias_correction: bool = True, maximize: bool = False,
+               backend: str = "auto", grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+               numels: Optional[Sequence[int]] = None,
+               abs_sum_reduce: Optional[Callable[[Tensor], Tensor]] = None) -> None:
+    """One step of Adam with decoupled decay over lists of tensors (see module docstring).
+
+    ``decay``: "l2" (AdamW/AdamC), "prox" or "euler" (AdamHD). ``max_lr`` not None turns on the
+    corrected coefficient λ_t = λ·γ_t/γ_max. ``numels`` are the sizes the means divide by (the global
+    sizes for sharded tensors); default: each tensor's own numel.
+    """
+    if not params:
+        return
+    n = len(params)
+    for name, lst in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
+                      ("state_steps", state_steps)):
+        if len(lst) != n:
+            raise ValueError(f"{name} has {len(lst)} entries for {n} params")
+    tracks = decay != "l2" and delta_mode != "fixed"
+    if tracks and (delta_mus is None or len(delta_mus) != n):
+        raise ValueError("delta_mode 'mean'/'ema' needs one delta_mu per param")
+    delta_fixed = delta if (decay != "l2" and delta_mode == "fixed") else None
+
+    torch._foreach_add_(state_steps, 1)
+
+    for (device, dtype), idx in _buckets(params).items():
+        impl = _backends.resolve(backend, device, dtype).adam_decay
+        sub = lambda lst: [lst[i] for i in idx]  # noqa: E731
+        abs_sums = torch.empty(len(idx), dtype=_mu_dtype(dtype), device=device) if tracks else None
+        impl(sub(params), sub(grads), sub(exp_avgs), sub(exp_avg_sqs), sub(state_steps),
+             sub(delta_mus) if tracks else None, abs_sums, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+             weight_decay=weight_decay, decay=decay, delta_fixed=delta_fixed, delta_scale=delta_scale,
+             max_lr=max_lr, bias_correction=bias_correction, maximize=maximize,
+             grad_scale=grad_scale, found_inf=found_inf)
+        if tracks:
+            if abs_sum_reduce is not None:
+                abs_sums = abs_sum_reduce(abs_sums)
+            sizes = [numels[i] if numels is not None else params[i].numel() for i in idx]
+            update_delta_mu(sub(delta_mus), abs_sums, sizes, 0.0 if delta_mode == "mean" else delta_beta, found_inf)
+
+    if found_inf is not None:
+        torch._foreach_sub_(state_steps, [found_inf.to(state_steps[0].device, torch.float32)] * n)
+
+
+def update_delta_mu(delta_mus: List[Tensor], abs_sums: Tensor, numels: Sequence[int], beta: float,
+                    found_inf: Optional[Tensor] = None) -> None:
+    """μ ← β·μ + (1 − β)·Σ|θ|/numel for a bucket, in a fixed order (AdamHD Eq. 8–9; Eq. 7 is β = 0)."""
+    denom = torch.tensor([max(int(k), 1) for k in numels], dtype=abs_sums.dtype).to(abs_sums.device, non_blocking=True)
+    means = abs_sums / denom
+    old = torch.stack(delta_mus)
+    new = old * beta + means * (1 - beta)
+    if found_inf is not None:
+        new = torch.where(found_inf.to(new.device).bool(), old, new)
+    torch._foreach_copy_(delta_mus, list(new.unbind(0)))
+
+
+# ----------------------------------------------------------------------------------------------
+# ScionC
+# ----------------------------------------------------------------------------------------------
+
+def scion_directions_reference(inputs: List[Tensor], *, lmo: str, ns_steps: int, ns: str,
+                               ns_dtype: Optional[torch.dtype]) -> List[Tensor]:
+    """Unit LMO directions, one tensor at a time (the readable path)."""
+    return [_ref_scion.lmo(lmo, m, ns_steps=ns_steps, ns=ns, ns_dtype=ns_dtype) for m in inputs]
+
+
+@torch.no_grad()
+def scionc(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *, lr: Union[float, Tensor],
+           momentum: float, lmo: str, radius: float, norm_target: float, corrected: bool, weight_decay: float,
+           ns_steps: int = 5, ns: str = "classic", ns_dtype: Optional[torch.dtype] = None, nesterov: bool = False,
+           maximize: bool = False, backend: str = "auto",
+           lmo_fn: Optional[Callable[..., List[Tensor]]] = None) -> None:
+    """One ScionC step for one param group (one LMO kind).
+
+    ``backend="reference"`` loops :func:`fusedecay.reference.scionc_step`. Other backends run the same
+    math on lists: a foreach momentum update, directions from ``lmo_fn`` (default: the backend's
+    batched ``scion_directions`` if it has one, else the per-tensor reference), and a foreach update.
+    """
+    if not params:
+        return
+    if backend == "reference" and lmo_fn is None:
+        for p, g, b in zip(params, grads, momentum_buffers):
+            _ref_scion.scionc_step(p, g, b, lr=lr, momentum=momentum, lmo_kind=lmo, radius=radius,
+                                   norm_target=norm_target, corrected=corrected, weight_decay=weight_decay,
+                                   ns_steps=ns_steps, ns=ns, ns_dtype=ns_dtype, nesterov=nesterov, maximize=maximize)
+        return
+    if lmo_fn is None:
+        b = None
+        try:
+            b = _backends.resolve(backend, params[0].device, params[0].dtype, op="scion_directions")
+        except RuntimeError:
+            if backend != "auto":
+                raise
+        lmo_fn = (b.op("scion_directions") if b is not None else None) or scion_directions_reference
+    g = [x.neg() if maximize else x for x in grads]
+    # m_t = (1 − α) m_{t−1} + α g_t
+    torch._foreach_lerp_(momentum_buffers, [x.to(m.dtype) for x, m in zip(g, momentum_buffers)], momentum)
+    inputs = momentum_buffers
+    if nesterov:
+        inputs = torch._foreach_lerp([m for m in momentum_buffers], [x.to(m.dtype) for x, m in zip(g, momentum_buffers)],
+                                     momentum)
+    dirs = lmo_fn(list(inputs), lmo=lmo, ns_steps=ns_steps, ns=ns, ns_dtype=ns_dtype)
+    s = lr * radius
+    eta = _ref_scion.scion_decay(s, momentum=momentum, norm_target=norm_target, corrected=corrected, lr=lr,
+                                 weight_decay=weight_decay, nesterov=nesterov)
+    if isinstance(eta, Tensor) or eta != 0:
+        torch._foreach_mul_(params, 1 - eta)
+    if isinstance(s, Tensor):
+        torch._foreach_add_(params, torch._foreach_mul([d.to(p.dtype) for d, p in zip(dirs, params)], -s))
+    else:
+        torch._foreach_add_(params, [d.to(p.dtype) for d, p in zip(dirs, params)], alpha=-s)

@@ -1,0 +1,214 @@
+"""AdamHD and AdamC: drop-in ``torch.optim.Optimizer`` classes over :func:`fusedecay.functional.adam_decay`.
+
+Both keep per-param state ``step`` (float32 0-d tensor on the param's device), ``exp_avg``,
+``exp_avg_sq`` and, for AdamHD with ``delta_mode`` "mean"/"ema", ``delta_mu`` (μ^(l): the tracked
+mean |θ| that gives δ^(l) = delta_scale·μ^(l)). ``step()`` does no host sync: lr may be a float or a
+0-d tensor, and GradScaler's ``grad_scale``/``found_inf`` are applied on the device.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .. import _validate as V
+from .. import backends as _backends
+from ..functional import DELTA_MODES, UPDATES, adam_decay, init_delta_mu
+
+
+class _AdamDecayBase(Optimizer):
+    """Shared machinery; subclasses set ``_decay_of(group)``."""
+
+    _step_supports_amp_scaling = True  # GradScaler hands us grad_scale/found_inf instead of unscaling
+
+    def __init__(self, params, defaults: Dict[str, Any]):
+        self._check_group(defaults)
+        super().__init__(params, defaults)
+        # Hook for fusedecay.distributed: reduces the per-tensor Σ|θ| across shards before μ's update.
+        self._abs_sum_reduce = None
+        self._global_numel = None
+
+    # -- param groups ----------------------------------------------------------------------------
+    def _check_group(self, g: Dict[str, Any]) -> None:
+        V.non_negative("lr", g["lr"])
+        V.betas(g["betas"])
+        V.non_negative("eps", g["eps"])
+        V.non_negative("weight_decay", g["weight_decay"])
+        V.flag("bias_correction", g["bias_correction"])
+        V.flag("maximize", g["maximize"])
+        V.flag("corrected", g["corrected"])
+        V.choice("backend", g["backend"], _backends.BACKEND_NAMES)
+        if g.get("max_lr") is not None:
+            V.positive("max_lr", g["max_lr"])
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        merged = dict(self.defaults)
+        merged.update({k: v for k, v in param_group.items() if k != "params"})
+        self._check_group(merged)  # raises before anything is added
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for p in params:
+            if isinstance(p, Tensor) and (torch.is_complex(p) or not p.is_floating_point()):
+                raise TypeError(f"fusedecay optimizers need real floating-point params, got {p.dtype}")
+        lr = merged["lr"]
+        # γ at construction: AdamC's default γ_max when no scheduler set initial_lr.
+        param_group.setdefault("init_lr", lr.clone() if isinstance(lr, Tensor) else lr)
+        super().add_param_group(param_group)
+
+    def _decay_of(self, group) -> str:
+        raise NotImplementedError
+
+    def _max_lr(self, group):
+        """γ_max for the corrected coefficient, or None when the group is uncorrected."""
+        if not group["corrected"]:
+            return None
+        if group.get("max_lr") is not None:
+            return group["max_lr"]
+        return group.get("initial_lr", group["init_lr"])
+
+    def _tracks_delta(self, group) -> bool:
+        return self._decay_of(group) != "l2" and group.get("delta_mode", "fixed") != "fixed"
+
+    # -- state -----------------------------------------------------------------------------------
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, steps, mus):
+        tracks = self._tracks_delta(group)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            V.grad_ok(p)
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if tracks and "delta_mu" not in state:
+                state["delta_mu"] = self._initial_delta_mu(p)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+            if tracks:
+                mus.append(state["delta_mu"])
+
+    def _initial_delta_mu(self, p: Tensor) -> Tensor:
+        """μ^(l)_0 = mean|θ_0| (overridden by fusedecay.distributed to use the global mean)."""
+        return init_delta_mu(p)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, steps, mus = [], [], [], [], [], []
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps, mus)
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            adam_decay(params, grads, exp_avgs, exp_avg_sqs, steps, mus if mus else None, lr=group["lr"],
+                       beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                       decay=self._decay_of(group), delta_mode=group.get("delta_mode", "fixed"),
+                       delta=group.get("delta"), delta_scale=group.get("delta_scale", 1.0),
+                       delta_beta=group.get("delta_beta", 0.0), max_lr=self._max_lr(group),
+                       bias_correction=group["bias_correction"], maximize=group["maximize"],
+                       backend=group["backend"], grad_scale=grad_scale, found_inf=found_inf,
+                       numels=[self._global_numel(p) for p in params] if self._global_numel else None,
+                       abs_sum_reduce=self._abs_sum_reduce)
+        return loss
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """As torch's, but state keeps the dtypes it was saved with (fp32 μ and moments for bf16
+        params stay fp32) and ``step`` lives on the param's device, so a resume is bit-identical."""
+        saved = {k: {n: v.dtype for n, v in s.items() if isinstance(v, Tensor)}
+                 for k, s in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for key, dtypes in saved.items():
+            if not isinstance(key, int) or key >= len(params):
+                continue
+            p = params[key]
+            st = self.state[p]
+            for name, dt in dtypes.items():
+                if name in st and isinstance(st[name], Tensor):
+                    st[name] = st[name].to(dtype=dt, device=p.device)
+
+
+class AdamHD(_AdamDecayBase):
+    r"""Adam with decoupled Huber decay (AdamHD, arXiv 2511.14721).
+
+    Per step: Adam moments and the preconditioned step θ̃ = θ − γ·u, then the element-wise proximal
+    Huber operator with τ = γλ and a per-layer threshold δ^(l) (``update="prox"``, default), or the
+    explicit form θ − γ(u + λ·clip(θ, −δ, δ)) (``update="euler"``).
+
+    Args:
+        params: iterable of params or param-group dicts (each group may override any keyword).
+        lr: γ (float or 0-d tensor). betas, eps: Adam's. weight_decay: λ (0 disables decay for a group).
+        update: "prox" | "euler".
+        delta_mode: "ema" (default; δ = c·μ, μ an EMA with ``delta_beta`` of mean|θ|, Eq. 8–9),
+            "mean" (δ = c·mean|θ_{t−1}|, Eq. 7) or "fixed" (δ = ``delta``).
+        delta: δ for ``delta_mode="fixed"`` (> 0). delta_scale: c (> 0). delta_beta: β0 in [0, 1).
+        corrected: if True, λ_t = λ·γ_t/γ_max (AdamC's correction combined with Huber decay).
+        max_lr: γ_max for ``corrected``; default the scheduler's ``initial_lr``, else lr at construction.
+        bias_correction: Adam's bias correction (True, as torch AdamW). maximize: ascend.
+        backend: "auto" | "reference" | "cpu" | "cuda" | "triton".
+
+    Defaults c = 1.0, β0 = 0.99, bias_correction=True and ``update="prox"`` are fusedecay's choices:
+    the paper's own values were not available (see README, "Choices the papers leave open").
+    """
+
+    def __init__(self, params, lr=1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, *, update: str = "prox", delta_mode: str = "ema",
+                 delta: Optional[float] = None, delta_scale: float = 1.0, delta_beta: float = 0.99,
+                 corrected: bool = False, max_lr: Optional[float] = None, bias_correction: bool = True,
+                 maximize: bool = False, backend: str = "auto"):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update=update,
+                        delta_mode=delta_mode, delta=delta, delta_scale=delta_scale, delta_beta=delta_beta,
+                        corrected=corrected, max_lr=max_lr, bias_correction=bias_correction, maximize=maximize,
+                        backend=backend)
+        super().__init__(params, defaults)
+
+    def _check_group(self, g):
+        super()._check_group(g)
+        V.choice("update", g["update"], UPDATES)
+        V.choice("delta_mode", g["delta_mode"], DELTA_MODES)
+        if g["delta_mode"] == "fixed":
+            if g["delta"] is None:
+                raise ValueError("Invalid delta: None (delta_mode='fixed' needs delta > 0)")
+            V.positive("delta", g["delta"])
+        elif g["delta"] is not None:
+            raise ValueError(f"Invalid delta: {g['delta']!r} is only used with delta_mode='fixed' "
+                             f"(got delta_mode={g['delta_mode']!r}); use delta_scale instead")
+        V.positive("delta_scale", g["delta_scale"])
+        V.unit_interval("delta_beta", g["delta_beta"])
+
+    def _decay_of(self, group) -> str:
+        return group["update"]
+
+
+class AdamC(_AdamDecayBase):
+    r"""AdamW with corrected decoupled weight decay (AdamC; Defazio 2025, arXiv 2506.02285).
+
+    θ_t = θ_{t−1}(1 − γ_t λ_t) − γ_t u_t with λ_t = λ·γ_t/γ_max, so the applied decay scales as γ_t².
+    With a constant lr this is exactly AdamW. ``corrected=False`` on a group gives plain AdamW decay
+    there (the output layer, per the ScionC paper's exception).
+
+    Args: as :class:`AdamHD` minus the Huber options; ``max_lr`` defaults to the scheduler's
+    ``initial_lr``, else the lr at construction.
+    """
+
+    def __init__(self, params, lr=1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, *, corrected: bool = True, max_lr: Optional[float] = None,
+                 bias_correction: bool = True, maximize: bool = False, backend: str = "auto"):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, corrected=corrected, max_lr=max_lr,
+                        bias_correction=bias_correction, maximize=maximize, backend=backend)
+        super().__init__(params, defaults)
+
+    def _decay_of(self, group) -> str:
+        return "l2"
