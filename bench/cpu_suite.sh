@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The CPU step benchmark in one command (about 3–5 minutes on a quiet 2-core machine):
+#   bash bench/cpu_suite.sh
+# Runs bench/test_bench_step.py on the CPU (copy bandwidth, cpu-small in three dtypes, the many-small
+# sweep) and turns the JSON into bench/results/<cpu>-<date>.{json,md,png}. The timings are only as good
+# as the machine is idle: FUSEDECAY_WAIT_QUIET_S=N first waits up to N seconds for the 1-minute load
+# average to drop below 1 (each row records the load average it ran under either way).
+set -euo pipefail
+export PYTHONUNBUFFERED=1 FUSEDECAY_BENCH_DEVICE=cpu
+cd "$(dirname "$0")/.."
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+RAW=bench/results/raw-cpu-$STAMP.json
+mkdir -p bench/results
+WAIT=${FUSEDECAY_WAIT_QUIET_S:-0}
+while (( WAIT > 0 )) && ! awk '{exit !($1 < 1.0)}' /proc/loadavg; do
+    sleep 10; WAIT=$(( WAIT - 10 ))
+done
+echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+python -m pytest bench/test_bench_step.py -p no:cacheprovider --benchmark-json="$RAW" \
+    --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+python bench/to_results.py "$RAW"
