@@ -107,11 +107,12 @@ def test_functional_matches_reference(decay, corrected):
 
 
 @pytest.mark.parametrize("decay", ["prox", "euler"])
-def test_fixed_delta_float_lr_maximize_no_bias_correction(decay):
+def test_fixed_delta_float_lr_maximize_no_bias_correction_eps0(decay):
+    """Also eps = 0: masked tail lanes (0/0) must not leak into Σ|θ|."""
     params, m, v, steps, _ = _state(SHAPES, seed=20)
     ref = [_f64(params), _f64(m), _f64(v), _clone(steps)]
     grads = _tensors(SHAPES, seed=21)
-    kw = dict(lr=0.03, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=2.0, decay=decay, delta_fixed=0.4,
+    kw = dict(lr=0.03, beta1=0.8, beta2=0.95, eps=0.0, weight_decay=2.0, decay=decay, delta_fixed=0.4,
               delta_scale=1.0, max_lr=0.06, bias_correction=False, maximize=True)
     sums = torch.empty(len(SHAPES), device=DEVICE)
     sums_ref = torch.empty(len(SHAPES), dtype=torch.float64, device=DEVICE)
@@ -219,6 +220,27 @@ def test_non_contiguous_params():
     assert_close(big[:, ::3], ref[0][1], dtype=torch.float32)
     assert torch.equal(big[:, 1::3], untouched)                # neighbours of the slice did not
     assert_close(sums, torch.stack([r.abs().sum() for r in ref[0]]), dtype=torch.float32)
+
+
+def test_mixed_moment_dtypes_split_into_launches():
+    """A float16 exp_avg_sq for one tensor: a second launch, Σ|θ| still lands in the right slots."""
+    shapes = [(37,), (9,), (50,)]
+    params, m, v, steps, _ = _state(shapes, seed=75)
+    v[1] = v[1].to(torch.float16)
+    ref = [_f64(params), _f64(m), [x.clone() for x in v]]
+    ref[2] = [x.to(torch.float64) if x.dtype == torch.float32 else x for x in ref[2]]
+    grads = _tensors(shapes, seed=76)
+    sums = torch.empty(3, device=DEVICE)
+    sums_ref = torch.empty(3, dtype=torch.float64, device=DEVICE)
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decay="l2", delta_fixed=None,
+              delta_scale=1.0, max_lr=None, bias_correction=True, maximize=False)
+    K.adam_decay(params, grads, m, v, steps, None, sums, **kw)
+    adam_decay_reference(ref[0], _f64(grads), ref[1], ref[2], steps, None, sums_ref, **kw)
+    assert [len(plans) for plans in K._PLAN_CACHE.values()] == [2]
+    assert v[1].dtype == torch.float16
+    _assert_lists_close(params, ref[0], "param")
+    _assert_lists_close(m, ref[1], "exp_avg")
+    assert_close(sums, sums_ref, dtype=torch.float32)
 
 
 def test_metadata_built_once_in_steady_state(monkeypatch):
@@ -368,6 +390,48 @@ def test_torch_compile_tensor_lr_no_recompile_cpu():
     if not INTERPRET:
         pytest.skip("the CPU path of the triton backend exists only under TRITON_INTERPRET=1")
     _compile_no_recompile("cpu")
+
+
+_PTX_CHECK = r"""
+import re, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+sys.path.insert(0, sys.argv[1])
+from fusedecay.triton_kernels import adam_decay as K
+scalars = ("lr_value", "max_lr_value", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps",
+           "weight_decay", "delta_fixed", "delta_scale")
+for p_dt, m_dt, aligned in ((tl.float32, tl.float32, True), (tl.bfloat16, tl.float32, True),
+                            (tl.bfloat16, tl.bfloat16, True), (tl.float32, tl.float32, False)):
+    const = dict(P_DTYPE=p_dt, G_DTYPE=p_dt, M_DTYPE=m_dt, V_DTYPE=m_dt, DECAY=1, DELTA_FROM_MU=True, LR_IS_PTR=True,
+                 CORRECTED=True, MAX_LR_IS_PTR=False, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, BIAS_CORRECTION=True,
+                 LOG2_BETA1=-0.152, LOG2_BETA2=-0.00144, MAXIMIZE=False, WRITE_ABS=True, ALIGNED=aligned,
+                 BLOCK=K.DEFAULT_BLOCK)
+    sig = {a: ("fp32" if a in scalars else "i32" if a in ("n_tensors", "block_map_offset") else
+               "*i64" if a == "meta_ptr" else "*fp32") for a in K._adam_decay_kernel.arg_names if a not in const}
+    sig.update({k: "constexpr" for k in const})
+    src = triton.compiler.ASTSource(fn=K._adam_decay_kernel, signature=sig, constexprs=const)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": K.DEFAULT_NUM_WARPS}).asm["ptx"]
+    print(aligned, "ld.global.v4" in ptx and "st.global.v4" in ptx)
+"""
+
+
+@pytest.mark.slow
+def test_kernel_lowers_to_ptx_with_vector_accesses(tmp_path):
+    """Without a GPU: compile the kernel for sm_90 (PTX only) and check 16-byte loads/stores when aligned."""
+    import subprocess
+    import sys
+    if CUDA:
+        pytest.skip("a GPU is present: the cuda tests compile and run the real kernels")
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("this triton has no NVIDIA backend to compile with")
+    script = tmp_path / "ptx_check.py"
+    script.write_text(_PTX_CHECK)
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    python_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
+    out = subprocess.run([sys.executable, str(script), python_dir], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["True", "True", "True", "True", "True", "True", "False", "False"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ and found_inf — so a launch can be captured in a CUDA graph and replayed with 
 from __future__ import annotations
 
 import math
+import operator
 import os
 from collections import OrderedDict
 from typing import List, Optional, Sequence, Tuple
@@ -342,12 +343,17 @@ def _build_plans(device, params, grads, exp_avgs, exp_avg_sqs, state_steps, delt
     return plans
 
 
+_DTYPE_OF = operator.attrgetter("dtype")
+
+
 def _cache_key(device, block, params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus) -> tuple:
-    mus = delta_mus if delta_mus is not None else [None] * len(params)
-    return (device, block, tuple(
-        (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), s.data_ptr(),
-         mu.data_ptr() if mu is not None else 0, p.numel(), p.dtype, g.dtype, m.dtype, v.dtype)
-        for p, g, m, v, s, mu in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, mus)))
+    """Addresses, sizes and dtypes: everything the metadata encodes (map() keeps this ~1 µs/tensor)."""
+    ptr = Tensor.data_ptr
+    return (device, block, tuple(map(ptr, params)), tuple(map(ptr, grads)), tuple(map(ptr, exp_avgs)),
+            tuple(map(ptr, exp_avg_sqs)), tuple(map(ptr, state_steps)),
+            tuple(map(ptr, delta_mus)) if delta_mus is not None else None, tuple(map(Tensor.numel, params)),
+            tuple(map(_DTYPE_OF, params)), tuple(map(_DTYPE_OF, grads)), tuple(map(_DTYPE_OF, exp_avgs)),
+            tuple(map(_DTYPE_OF, exp_avg_sqs)))
 
 
 def _plans_for(device, block, params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, cache: bool):
@@ -410,7 +416,12 @@ def adam_decay(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
     mus = delta_mus if delta_from_mu else None
 
     # Params whose layout can't be walked flat get contiguous stand-ins, copied back after the launch.
-    staged = [i for i in range(len(params)) if not _flat_ok(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i])]
+    contiguous = Tensor.is_contiguous
+    if all(map(contiguous, params)) and all(map(contiguous, grads)) and all(map(contiguous, exp_avgs)) \
+            and all(map(contiguous, exp_avg_sqs)):
+        staged = []
+    else:
+        staged = [i for i in range(len(params)) if not _flat_ok(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i])]
     if staged:
         params, grads, exp_avgs, exp_avg_sqs = (list(x) for x in (params, grads, exp_avgs, exp_avg_sqs))
         originals = [(i, params[i], exp_avgs[i], exp_avg_sqs[i]) for i in staged]
