@@ -29,10 +29,11 @@ SMALL_BLOCK = 32
 
 
 @pytest.fixture(autouse=True)
-def _small_blocks(monkeypatch):
-    """Small blocks on the interpreter (multi-block tensors at small sizes); a fresh metadata cache."""
-    if INTERPRET:
+def _small_blocks(monkeypatch, request):
+    """Small blocks (multi-block tensors at small sizes) except in the cuda tests; a fresh metadata cache."""
+    if request.node.get_closest_marker("cuda") is None:
         monkeypatch.setattr(K, "DEFAULT_BLOCK", SMALL_BLOCK)
+        monkeypatch.setattr(K, "DEFAULT_NUM_WARPS", 1)
     K.clear_cache()
     yield
     K.clear_cache()
@@ -331,15 +332,23 @@ def test_adamhd_class_matches_reference(delta_mode, update):
     _run_pair(make, shapes, steps=3, lr_schedule=lambda g, t: g["lr"].fill_(0.02 * (1 + t)), seed=1)
 
 
-def test_adamc_class_with_schedule_matches_reference():
-    """AdamC, γ_max = lr at construction, float lr following a schedule; one uncorrected group."""
+@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
+def test_adamc_class_with_schedule_matches_reference(lr_kind):
+    """AdamC, γ_max = lr at construction (a tensor too), lr following a schedule; one uncorrected group."""
     shapes = [(11, 6), (25,), (4,), (7, 3), (2,)]
+    lr0 = 0.05 if lr_kind == "float" else torch.tensor(0.05, device=DEVICE)
 
     def make(ps, backend):
-        return AdamC([{"params": ps[:3]}, {"params": ps[3:], "corrected": False}], lr=0.05, weight_decay=0.3,
+        return AdamC([{"params": ps[:3]}, {"params": ps[3:], "corrected": False}], lr=lr0, weight_decay=0.3,
                      backend=backend)
 
-    _run_pair(make, shapes, steps=3, lr_schedule=lambda g, t: g.__setitem__("lr", 0.05 / (1 + t)), seed=2)
+    def schedule(group, t):
+        if lr_kind == "float":
+            group["lr"] = 0.05 / (1 + t)
+        else:
+            group["lr"].fill_(0.05 / (1 + t))
+
+    _run_pair(make, shapes, steps=3, lr_schedule=schedule, seed=2)
 
 
 def test_adamc_constant_lr_is_torch_adamw():

@@ -125,7 +125,7 @@ def _adam_decay_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, lr, tau, delta, bc1, 
     return total
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tensors", "block_map_offset"])
 def _adam_decay_kernel(meta_ptr, partials_ptr, lr_ptr, lr_value, max_lr_ptr, max_lr_value, grad_scale_ptr,
                        found_inf_ptr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
                        delta_fixed, delta_scale, n_tensors, block_map_offset,
@@ -207,7 +207,7 @@ def _adam_decay_kernel(meta_ptr, partials_ptr, lr_ptr, lr_value, max_lr_ptr, max
         tl.store(partials_ptr + pid, total)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["first_block_offset", "out_index_offset"])
 def _ordered_abs_sum_kernel(partials_ptr, meta_ptr, first_block_offset, out_index_offset, out_ptr,
                             RBLOCK: tl.constexpr):
     """out[out_index[t]] = Σ partials[first_block[t] : first_block[t+1]], in a fixed order."""
