@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import math
 import operator
-import os
 from collections import OrderedDict
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -33,8 +32,6 @@ from torch import Tensor
 
 DECAY_IDS = {"l2": 0, "prox": 1, "euler": 2}
 
-# Interpreted programs cost per program, not per element: use larger blocks there.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEFAULT_BLOCK = 4096
 DEFAULT_NUM_WARPS = 8
 REDUCE_BLOCK = 256
