@@ -73,10 +73,10 @@ def _env_list(name: str, default: str) -> List[str]:
     return [s.strip() for s in os.environ.get(name, default).split(",") if s.strip()]
 
 
-def fusedecay_backends(numel: int) -> List[str]:
+def fusedecay_backends(numel: int, dtype: str) -> List[str]:
     out = []
     for name, b in fusedecay.available_backends().items():
-        if b.adam_decay is None or DEVICE.type not in b.device_types:
+        if b.adam_decay is None or not b.supports(DEVICE, DTYPES[dtype][0]):
             continue
         if name == "reference" and (DEVICE.type != "cpu" or numel > REFERENCE_MAX_NUMEL):
             continue
@@ -90,8 +90,9 @@ def build_cases() -> List[Case]:
     cases = []
     sets = _env_list("FUSEDECAY_BENCH_SETS", "gpt2-124m" if DEVICE.type == "cuda" else "cpu-small")
     for ps in sets:
-        backends = fusedecay_backends(PS.numel(PS.shapes(ps, DEVICE.type)))
+        size = PS.numel(PS.shapes(ps, DEVICE.type))
         for dt in _env_list("FUSEDECAY_BENCH_DTYPES", ",".join(DTYPES)):
+            backends = fusedecay_backends(size, dt)
             cases += [Case(ps, dt, "adamw", b) for b in TORCH_BACKENDS]
             cases += [Case(ps, dt, k, b) for k in FUSEDECAY_KERNELS for b in backends]
     if os.environ.get("FUSEDECAY_BENCH_SWEEP", "1") != "0":
@@ -99,7 +100,7 @@ def build_cases() -> List[Case]:
             ps = PS.sweep_name(n)
             cases += [Case(ps, "fp32", "adamw", b) for b in TORCH_BACKENDS]
             cases += [Case(ps, "fp32", "adamhd-prox-ema", b)
-                      for b in fusedecay_backends(PS.SWEEP_NUMEL.get(DEVICE.type, 0))]
+                      for b in fusedecay_backends(PS.SWEEP_NUMEL.get(DEVICE.type, 0), "fp32")]
     return cases
 
 
