@@ -1,0 +1,399 @@
+"""Distributed training: FSDP2/DTensor-sharded params, DDP-replicated params, DCP checkpoints.
+
+How the optimizers see a DTensor param
+--------------------------------------
+:class:`~fusedecay.AdamHD`, :class:`~fusedecay.AdamC` and :class:`~fusedecay.ScionC` route a param
+group through :func:`adam_decay` / :func:`scionc` below (instead of :mod:`fusedecay.functional`)
+whenever one of its params is a ``DTensor``: nothing to wrap, nothing to configure. State is created
+with ``zeros_like(param)``, so ``exp_avg``/``exp_avg_sq``/``momentum_buffer`` are DTensors with the
+param's mesh and placements; ``step`` and AdamHD's ``delta_mu`` (μ, one number per layer, identical on
+every rank) stay plain 0-d tensors, which ``torch.distributed.checkpoint`` saves as replicated values,
+exactly like torch's own ``step``. The fused kernels run on ``.to_local()`` views of params, grads and
+states (the views share storage, so the DTensors are updated in place); element-wise work needs no
+communication. The only collectives are the ones the math needs:
+
+* AdamHD (``delta_mode`` "ema"/"mean"): δ^(l) = c·μ^(l) uses the mean |θ| of the WHOLE tensor. The
+  kernel already writes each local shard's Σ|θ_t|; one ``all_reduce`` per (sharding, dtype) bucket
+  sums those partial sums for all layers at once (``functional.adam_decay``'s ``abs_sum_reduce``), and
+  the means divide by global numels. μ_0 = mean|θ_0| is the global mean too (one all-reduce per layer,
+  first step only). AdamC and ``delta_mode="fixed"`` communicate nothing.
+* ScionC ``spectral``: Newton–Schulz must see the whole matrix, never a shard. Matrices of a param
+  group are sorted by shape and dealt round-robin to owner ranks; one ``all_to_all_single`` sends every
+  shard to its matrix's owner, the owner runs the (batched) LMO on whole matrices, a second
+  ``all_to_all_single`` returns each rank its slice. Shards travel in ``ns_dtype`` when that is
+  narrower than the buffer (NS casts to it first anyway, so this is exact); results travel in the
+  buffer's dtype. Replicated matrices (plain tensors under DDP after :func:`split_lmo_work`, or
+  all-``Replicate`` DTensors on a 1-D mesh) are dealt the same way, and one ``all_gather`` shares the
+  results.
+* ScionC ``bias``: m / RMS(m) with the RMS of the whole tensor: local Σm² for all such params, one
+  ``all_reduce``. ``sign``: element-wise, sign(m)/d_in with the global d_in; no communication.
+
+Plain (non-DTensor) params never touch ``torch.distributed`` unless the user asks for it with
+:func:`split_lmo_work`; the package works without an initialised process group.
+
+Supported layouts: any mesh; ``Shard``/``Replicate`` placements for AdamHD/AdamC (Σ|θ| is reduced over
+every sharded mesh dim). ScionC's spectral LMO needs a matrix sharded on at most one mesh dim, with a
+plain ``Shard(0)``/``Shard(1)`` (FSDP2 default, ``shard_placement_fn``, HSDP); 2-D sharding (FSDP+TP)
+and ``_StridedShard`` raise ``NotImplementedError``. ``Partial`` params raise ``ValueError``.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from collections import defaultdict
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import backends as _backends
+from . import functional as F
+from .reference.scion import RMS_EPS
+
+__all__ = ["is_dtensor", "has_dtensor", "local", "adam_decay", "init_delta_mu", "scionc", "DistributedLMO",
+           "split_lmo_work"]
+
+
+# ----------------------------------------------------------------------------------------------
+# DTensor helpers
+# ----------------------------------------------------------------------------------------------
+
+def _dtensor_cls():
+    # No DTensor can exist before torch.distributed.tensor is imported, so plain single-GPU users
+    # never pay for importing it (about a second).
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None) if mod is not None else None
+
+
+def is_dtensor(t: Any) -> bool:
+    cls = _dtensor_cls()
+    return cls is not None and isinstance(t, cls)
+
+
+def has_dtensor(tensors: Sequence[Any]) -> bool:
+    cls = _dtensor_cls()
+    return cls is not None and any(isinstance(t, cls) for t in tensors)
+
+
+def local(t: Tensor) -> Tensor:
+    """This rank's part of ``t``: the local shard of a DTensor (a view sharing its storage), else ``t``."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def _local_like(t: Tensor, param: Tensor, what: str) -> Tensor:
+    """Local view of a grad/state of a DTensor param, after checking it is laid out like the param."""
+    if not is_dtensor(t) or t.device_mesh != param.device_mesh or tuple(t.placements) != tuple(param.placements):
+        got = f"placements {tuple(t.placements)}" if is_dtensor(t) else f"a plain {type(t).__name__}"
+        raise ValueError(f"fusedecay: {what} of a DTensor param with placements {tuple(param.placements)} "
+                         f"must be a DTensor laid out like it, got {got}")
+    return t.to_local()
+
+
+def _layout_key(p: Tensor):
+    """Params with equal keys share their collectives: (mesh, placements), or None for plain tensors."""
+    if not is_dtensor(p):
+        return None
+    for pl in p.placements:
+        if pl.is_partial():
+            raise ValueError(f"fusedecay: params with Partial placements are not supported (got {tuple(p.placements)})")
+    return (p.device_mesh, tuple(p.placements))
+
+
+def _shard_groups(key) -> List[Any]:
+    """Process groups of the mesh dims a tensor is sharded over (empty for replicated/plain)."""
+    if key is None:
+        return []
+    mesh, placements = key
+    return [mesh.get_group(d) for d, pl in enumerate(placements) if pl.is_shard()]
+
+
+def _all_reduce_over(groups: List[Any]) -> Optional[Callable[[Tensor], Tensor]]:
+    if not groups:
+        return None
+    import torch.distributed as dist
+
+    def reduce(x: Tensor) -> Tensor:
+        for g in groups:
+            dist.all_reduce(x, group=g)  # sum; enqueued on the device stream, no host sync
+        return x
+
+    return reduce
+
+
+def _group_indices(params: Sequence[Tensor]) -> Dict[Any, List[int]]:
+    out: Dict[Any, List[int]] = defaultdict(list)  # insertion order = first appearance: same on every rank
+    for i, p in enumerate(params):
+        out[_layout_key(p)].append(i)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# AdamHD / AdamC
+# ----------------------------------------------------------------------------------------------
+
+def init_delta_mu(param: Tensor) -> Tensor:
+    """μ_0 = mean|θ_0| over the whole (unsharded) tensor, as a plain 0-d tensor equal on all ranks."""
+    if not is_dtensor(param):
+        return F.init_delta_mu(param)
+    x = param.to_local().detach()
+    s = x.to(F._mu_dtype(x.dtype)).abs().sum()
+    reduce = _all_reduce_over(_shard_groups(_layout_key(param)))
+    if reduce is not None:
+        s = reduce(s)
+    return s / max(param.numel(), 1)  # DTensor.numel() is the global numel
+
+
+def adam_decay(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+               state_steps: List[Tensor], delta_mus: Optional[List[Tensor]], *,
+               numels: Optional[Sequence[int]] = None, abs_sum_reduce: Optional[Callable[[Tensor], Tensor]] = None,
+               **kwargs) -> None:
+    """:func:`fusedecay.functional.adam_decay` for lists that may hold DTensors.
+
+    Params are split by layout (mesh, placements); each part runs the functional step on local
+    views, with global numels and one all-reduce of Σ|θ| per bucket. ``numels``/``abs_sum_reduce``
+    given by the caller apply to the plain-tensor part only (a DTensor knows its own).
+    """
+    pick = lambda lst, idx: None if lst is None else [lst[i] for i in idx]  # noqa: E731
+    for key, idx in _group_indices(params).items():
+        if key is None:
+            F.adam_decay(pick(params, idx), pick(grads, idx), pick(exp_avgs, idx), pick(exp_avg_sqs, idx),
+                         pick(state_steps, idx), pick(delta_mus, idx), numels=pick(numels, idx),
+                         abs_sum_reduce=abs_sum_reduce, **kwargs)
+            continue
+        ps = [params[i] for i in idx]
+        F.adam_decay([p.to_local() for p in ps],
+                     [_local_like(grads[i], params[i], "grad") for i in idx],
+                     [_local_like(exp_avgs[i], params[i], "exp_avg") for i in idx],
+                     [_local_like(exp_avg_sqs[i], params[i], "exp_avg_sq") for i in idx],
+                     [local(state_steps[i]) for i in idx],
+                     None if delta_mus is None else [local(delta_mus[i]) for i in idx],
+                     numels=[p.numel() for p in ps], abs_sum_reduce=_all_reduce_over(_shard_groups(key)), **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# ScionC
+# ----------------------------------------------------------------------------------------------
+
+def split_lmo_work(optimizer, group=None):
+    """Share ScionC's spectral LMO work across the ranks of ``group`` (default: the world) for
+    params that are replicated plain tensors, as under DDP: each rank runs Newton–Schulz on its
+    round-robin share of the matrices and one ``all_gather`` per step gives everyone all results.
+
+    Needs an initialised process group (raises otherwise); DTensor params need no call.
+    Returns the optimizer.
+    """
+    import torch.distributed as dist
+
+    if not hasattr(optimizer, "_lmo_process_group"):
+        raise TypeError(f"split_lmo_work applies to fusedecay.ScionC, got {type(optimizer).__name__}")
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("split_lmo_work needs an initialised process group (torch.distributed.init_process_group)")
+    optimizer._lmo_process_group = group if group is not None else dist.group.WORLD
+    return optimizer
+
+
+def _backend_lmo_fn(backend: str, device: torch.device, dtype: torch.dtype) -> Callable[..., List[Tensor]]:
+    """The LMO ``functional.scionc`` would use for this backend on whole (local) tensors."""
+    if backend != "reference":
+        try:
+            fn = _backends.resolve(backend, device, dtype, op="scion_directions").op("scion_directions")
+            if fn is not None:
+                return fn
+        except RuntimeError:
+            if backend != "auto":
+                raise
+    return F.scion_directions_reference
+
+
+def scionc(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *, backend: str = "auto",
+           lmo_fn: Optional[Callable[..., List[Tensor]]] = None, replicated_group=None, **kwargs) -> None:
+    """:func:`fusedecay.functional.scionc` for lists that may hold DTensors (or replicated tensors
+    whose LMO work is split over ``replicated_group``). ``lmo_fn`` (default: the backend's) is what
+    runs on whole matrices."""
+    if not params:
+        return
+    layouts = [(_layout_key(p), tuple(p.shape)) for p in params]
+    lp = [local(p) for p in params]
+    lg = [_local_like(g, p, "grad") if is_dtensor(p) else g for p, g in zip(params, grads)]
+    lb = [_local_like(b, p, "momentum_buffer") if is_dtensor(p) else b for p, b in zip(params, momentum_buffers)]
+    inner = lmo_fn or _backend_lmo_fn(backend, lp[0].device, lp[0].dtype)
+    F.scionc(lp, lg, lb, backend=backend, lmo_fn=DistributedLMO(layouts, inner, replicated_group), **kwargs)
+
+
+def _chunk_sizes(n: int, world: int) -> List[int]:
+    """Sizes of ``torch.chunk(n, world)`` padded with empty chunks: the DTensor/FSDP2 Shard layout."""
+    c = -(-n // world) if n else 0
+    return [max(0, min(c, n - r * c)) for r in range(world)]
+
+
+def _shard_shape(shape: Tuple[int, ...], dim: int, size: int) -> Tuple[int, ...]:
+    return shape[:dim] + (size,) + shape[dim + 1:]
+
+
+class DistributedLMO:
+    """An ``lmo_fn`` for :func:`fusedecay.functional.scionc` whose inputs are local views.
+
+    ``layouts[i]`` = (layout key, global shape) of input i (key None: a plain tensor); ``inner`` is
+    the LMO applied to whole tensors; ``replicated_group`` (or None) is where plain matrices' NS
+    work is split. Every rank must call it with the same layouts in the same order.
+    """
+
+    def __init__(self, layouts, inner: Callable[..., List[Tensor]], replicated_group=None):
+        self.layouts = layouts
+        self.inner = inner
+        self.replicated_group = replicated_group
+
+    def __call__(self, inputs: List[Tensor], *, lmo: str, ns_steps: int, ns: str,
+                 ns_dtype: Optional[torch.dtype]) -> List[Tensor]:
+        if len(inputs) != len(self.layouts):
+            raise ValueError(f"DistributedLMO built for {len(self.layouts)} tensors, called with {len(inputs)}")
+        kw = dict(lmo=lmo, ns_steps=ns_steps, ns=ns, ns_dtype=ns_dtype)
+        out: List[Optional[Tensor]] = [None] * len(inputs)
+        own: List[int] = []  # whole tensors on this rank, computed here
+        if lmo == "sign":
+            for i, (key, shape) in enumerate(self.layouts):
+                if key is None:
+                    own.append(i)
+                else:  # element-wise; d_in is the global last dim
+                    out[i] = torch.sign(inputs[i]) / (shape[-1] if len(shape) >= 2 else 1)
+        elif lmo == "bias":
+            self._bias(inputs, out, own)
+        elif lmo == "spectral":
+            self._spectral(inputs, out, own, kw)
+        else:
+            raise ValueError(f"unknown lmo {lmo!r}")
+        if own:
+            for i, d in zip(own, self.inner([inputs[i] for i in own], **kw)):
+                out[i] = d
+        return out
+
+    # -- bias: m / RMS(m), RMS over the whole tensor ----------------------------------------------
+    def _bias(self, inputs, out, own):
+        by_groups: Dict[Any, List[int]] = defaultdict(list)
+        for i, (key, _) in enumerate(self.layouts):
+            groups = _shard_groups(key)
+            if not groups:
+                own.append(i)  # plain or replicated: the whole tensor is here
+            else:
+                by_groups[(key, inputs[i].dtype)].append(i)
+        for (key, dtype), idx in by_groups.items():
+            acc = F._mu_dtype(dtype)
+            sq = torch.stack([inputs[i].square().sum(dtype=acc) for i in idx])        # local Σm²
+            _all_reduce_over(_shard_groups(key))(sq)                                   # one all-reduce
+            n = torch.tensor([max(math.prod(self.layouts[i][1]), 1) for i in idx], dtype=acc)
+            inv_rms = torch.rsqrt(sq / n.to(sq.device, non_blocking=True) + RMS_EPS)
+            for k, i in enumerate(idx):
+                out[i] = inputs[i] * inv_rms[k].to(dtype)
+
+    # -- spectral: NS of whole matrices on owner ranks --------------------------------------------
+    def _spectral(self, inputs, out, own, kw):
+        sharded: Dict[Any, List[Tuple[int, int]]] = defaultdict(list)  # group -> [(input, shard dim)]
+        replicated: Dict[Any, List[int]] = defaultdict(list)
+        for i, (key, shape) in enumerate(self.layouts):
+            if key is None:
+                (replicated[self.replicated_group].append(i) if self.replicated_group is not None else own.append(i))
+                continue
+            mesh, placements = key
+            shard_dims = [d for d, pl in enumerate(placements) if pl.is_shard()]
+            if not shard_dims:
+                (replicated[mesh.get_group(0)].append(i) if mesh.ndim == 1 else own.append(i))
+                continue
+            pl = placements[shard_dims[0]]
+            if len(shard_dims) > 1 or type(pl).__name__ != "Shard":
+                raise NotImplementedError(
+                    f"fusedecay: the spectral LMO supports matrices sharded on one mesh dim with Shard(0)/Shard(1); "
+                    f"got placements {placements} (sharded on several mesh dims or strided)")
+            sharded[mesh.get_group(shard_dims[0])].append((i, pl.dim % len(shape)))
+        for group, items in sharded.items():
+            self._exchange_sharded(group, items, inputs, out, kw)
+        for group, idx in replicated.items():
+            self._gather_replicated(group, idx, inputs, out, kw)
+
+    def _deal(self, idx: List[int], world: int) -> Tuple[Dict[int, int], List[int]]:
+        """Round-robin owners after a stable sort by shape (same-shape matrices batch on owners)."""
+        order = sorted(idx, key=lambda i: self.layouts[i][1])
+        return {i: k % world for k, i in enumerate(order)}, order
+
+    def _exchange_sharded(self, group, items, inputs, out, kw):
+        import torch.distributed as dist
+
+        world, me = dist.get_world_size(group), dist.get_rank(group)
+        dims = dict(items)
+        by_dtype: Dict[torch.dtype, List[int]] = defaultdict(list)
+        for i, _ in items:
+            by_dtype[inputs[i].dtype].append(i)
+        for dtype, idx in by_dtype.items():
+            owner, order = self._deal(idx, world)
+            shape = {i: self.layouts[i][1] for i in idx}
+            sizes = {i: _chunk_sizes(shape[i][dims[i]], world) for i in idx}
+            for i in idx:
+                expect = _shard_shape(shape[i], dims[i], sizes[i][me])
+                if tuple(inputs[i].shape) != expect:
+                    raise ValueError(f"fusedecay: local shard of shape {tuple(inputs[i].shape)} where the Shard"
+                                     f"({dims[i]}) layout of {shape[i]} over {world} ranks gives {expect}")
+            piece = lambda i, r: math.prod(_shard_shape(shape[i], dims[i], sizes[i][r]))  # noqa: E731
+            mine = [i for i in order if owner[i] == me]
+            # NS casts to ns_dtype first, so sending shards in a narrower ns_dtype changes nothing.
+            ns_dtype = kw["ns_dtype"]
+            wire = ns_dtype if ns_dtype is not None and ns_dtype.itemsize < dtype.itemsize else dtype
+            dev = inputs[idx[0]].device
+            # 1) every shard to its matrix's owner
+            send_splits = [sum(piece(i, me) for i in order if owner[i] == r) for r in range(world)]
+            recv_splits = [sum(piece(i, r) for i in mine) for r in range(world)]
+            send = [inputs[i].reshape(-1).to(wire) for r in range(world) for i in order if owner[i] == r]
+            recv = torch.empty(sum(recv_splits), dtype=wire, device=dev)
+            dist.all_to_all_single(recv, torch.cat(send) if send else recv.new_empty(0), recv_splits, send_splits,
+                                   group=group)
+            # 2) owners assemble whole matrices (rank order = shard order) and run the LMO on them
+            parts = defaultdict(list)
+            off = 0
+            for r in range(world):
+                for i in mine:
+                    n = piece(i, r)
+                    parts[i].append(recv[off:off + n].view(_shard_shape(shape[i], dims[i], sizes[i][r])))
+                    off += n
+            whole = [torch.cat(parts[i], dim=dims[i]).to(dtype) for i in mine]
+            dirs = self.inner(whole, **kw) if whole else []
+            # 3) each rank its slice of every result, in the buffer's dtype
+            back = []
+            for r in range(world):
+                for i, d in zip(mine, dirs):
+                    lo = sum(sizes[i][:r])
+                    back.append(d.narrow(dims[i], lo, sizes[i][r]).reshape(-1).to(dtype))
+            result = torch.empty(sum(send_splits), dtype=dtype, device=dev)
+            dist.all_to_all_single(result, torch.cat(back) if back else result.new_empty(0), send_splits,
+                                   recv_splits, group=group)
+            off = 0
+            for r in range(world):
+                for i in order:
+                    if owner[i] == r:
+                        n = piece(i, me)
+                        out[i] = result[off:off + n].view(inputs[i].shape)
+                        off += n
+
+    def _gather_replicated(self, group, idx, inputs, out, kw):
+        import torch.distributed as dist
+
+        world, me = dist.get_world_size(group), dist.get_rank(group)
+        by_dtype: Dict[torch.dtype, List[int]] = defaultdict(list)
+        for i in idx:
+            by_dtype[inputs[i].dtype].append(i)
+        for dtype, ids in by_dtype.items():
+            owner, order = self._deal(ids, world)
+            mine = [i for i in order if owner[i] == me]
+            dirs = self.inner([inputs[i] for i in mine], **kw) if mine else []
+            totals = [sum(inputs[i].numel() for i in order if owner[i] == r) for r in range(world)]
+            slot = max(max(totals), 1)  # all_gather needs equal sizes: pad to the largest share
+            buf = inputs[ids[0]].new_zeros(slot, dtype=dtype)
+            off = 0
+            for d in dirs:
+                buf[off:off + d.numel()].copy_(d.reshape(-1))
+                off += d.numel()
+            gathered = buf.new_empty(world * slot)
+            dist.all_gather(list(gathered.split(slot)), buf, group=group)
+            offs = [r * slot for r in range(world)]
+            for i in order:
+                r = owner[i]
+                n = inputs[i].numel()
+                out[i] = gathered[offs[r]:offs[r] + n].view(inputs[i].shape)
+                offs[r] += n
