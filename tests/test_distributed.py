@@ -111,36 +111,39 @@ def _train(model, opt, batches, first_step, rank=None):
         opt.step()
 
 
-def _shard_model(model):
+def _shard_model(model, hsdp=False):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
 
-    mesh = _mesh()
+    mesh = _mesh(hsdp)
     fully_shard(model.l1, mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p.ndim == 2 else Shard(0))
     fully_shard(model, mesh=mesh)
     return model
 
 
-def _mesh():
+def _mesh(hsdp=False):
+    """1-D mesh (FSDP2), or a (replicate=1, shard=WORLD) mesh: HSDP's layout, on 2 processes."""
     from torch.distributed.device_mesh import init_device_mesh
 
+    if hsdp:
+        return init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard"))
     return init_device_mesh("cpu", (WORLD,))
 
 
 def _slice(full, dt):
-    """The part of ``full`` this rank holds for a DTensor laid out like ``dt`` (1-D mesh)."""
-    (pl,) = dt.placements
-    if not pl.is_shard():
-        return full
-    sizes = fd._chunk_sizes(full.shape[pl.dim], WORLD)
-    r = dt.device_mesh.get_local_rank()
-    return full.narrow(pl.dim, sum(sizes[:r]), sizes[r])
+    """The part of ``full`` this rank holds for a DTensor laid out like ``dt`` (sharded on <= 1 mesh dim)."""
+    for mesh_dim, pl in enumerate(dt.placements):
+        if pl.is_shard():
+            sizes = fd._chunk_sizes(full.shape[pl.dim], dt.device_mesh.size(mesh_dim))
+            r = dt.device_mesh.get_local_rank(mesh_dim)
+            return full.narrow(pl.dim, sum(sizes[:r]), sizes[r])
+    return full
 
 
-def _fresh_pair(kind, seed=0):
+def _fresh_pair(kind, seed=0, hsdp=False):
     torch.manual_seed(seed)
     ref = Net()
-    sharded = _shard_model(copy.deepcopy(ref))
+    sharded = _shard_model(copy.deepcopy(ref), hsdp)
     return ref, _make_opt(ref, kind), sharded, _make_opt(sharded, kind)
 
 
@@ -163,9 +166,11 @@ def _assert_matches_reference(ref, ref_opt, sharded, opt):
 # Checks (run inside the spawned workers)
 # ----------------------------------------------------------------------------------------------
 
-def _check_parity(kind):
+def _check_parity(kind, hsdp=False):
     def check(rank):
-        ref, ref_opt, sharded, opt = _fresh_pair(kind)
+        ref, ref_opt, sharded, opt = _fresh_pair(kind, hsdp=hsdp)
+        if hsdp:
+            assert all(len(p.placements) == 2 and p.placements[1].is_shard() for p in sharded.parameters())
         batches = _batches(STEPS)
         _train(ref, ref_opt, batches, 0)
         _train(sharded, opt, batches, 0, rank)
@@ -341,6 +346,7 @@ def _check_sharded_lmo_is_whole_matrix_lmo(rank):
 
 def _checks(ckpt_root):
     checks = {f"parity_{k}": _check_parity(k) for k in ("adamhd", "adamhd_mean", "adamc", "scionc")}
+    checks.update({f"parity_hsdp_{k}": _check_parity(k, hsdp=True) for k in ("adamhd", "scionc")})
     checks["layouts"] = _check_layouts
     checks.update({f"zero_lr_{k}": _check_zero_lr(k) for k in ("adamhd", "adamc", "scionc")})
     checks["state_symmetric"] = _check_state_symmetric
@@ -404,6 +410,12 @@ def _assert_ok(results, name):
 def test_fsdp2_matches_single_process(results, kind):
     """Params and every state tensor after N steps, FSDP2 shards vs the single-process run."""
     _assert_ok(results, f"parity_{kind}")
+
+
+@pytest.mark.parametrize("kind", ["adamhd", "scionc"])
+def test_hsdp_mesh_matches_single_process(results, kind):
+    """A 2-D (replicate, shard) mesh: reductions and NS exchanges run over the shard dim only."""
+    _assert_ok(results, f"parity_hsdp_{kind}")
 
 
 def test_model_has_uneven_empty_and_dim1_shards(results):

@@ -287,113 +287,110 @@ class DistributedLMO:
 
     # -- spectral: NS of whole matrices on owner ranks --------------------------------------------
     def _spectral(self, inputs, out, own, kw):
-        sharded: Dict[Any, List[Tuple[int, int]]] = defaultdict(list)  # group -> [(input, shard dim)]
-        replicated: Dict[Any, List[int]] = defaultdict(list)
+        sharded: Dict[Any, List[int]] = defaultdict(list)     # process group -> inputs sharded over it
+        replicated: Dict[Any, List[int]] = defaultdict(list)  # process group -> whole inputs to share work on
+        shard_dim: Dict[int, int] = {}                        # input -> the matrix dim it is sharded on
         for i, (key, shape) in enumerate(self.layouts):
             if key is None:
-                (replicated[self.replicated_group].append(i) if self.replicated_group is not None else own.append(i))
+                if self.replicated_group is not None:
+                    replicated[self.replicated_group].append(i)
+                else:
+                    own.append(i)
                 continue
             mesh, placements = key
-            shard_dims = [d for d, pl in enumerate(placements) if pl.is_shard()]
-            if not shard_dims:
-                (replicated[mesh.get_group(0)].append(i) if mesh.ndim == 1 else own.append(i))
+            mesh_dims = [d for d, pl in enumerate(placements) if pl.is_shard()]
+            if not mesh_dims:  # all Replicate: share the work on a 1-D mesh, else compute it here
+                if mesh.ndim == 1:
+                    replicated[mesh.get_group(0)].append(i)
+                else:
+                    own.append(i)
                 continue
-            pl = placements[shard_dims[0]]
-            if len(shard_dims) > 1 or type(pl).__name__ != "Shard":
+            pl = placements[mesh_dims[0]]
+            if len(mesh_dims) > 1 or type(pl).__name__ != "Shard":
                 raise NotImplementedError(
                     f"fusedecay: the spectral LMO supports matrices sharded on one mesh dim with Shard(0)/Shard(1); "
-                    f"got placements {placements} (sharded on several mesh dims or strided)")
-            sharded[mesh.get_group(shard_dims[0])].append((i, pl.dim % len(shape)))
-        for group, items in sharded.items():
-            self._exchange_sharded(group, items, inputs, out, kw)
+                    f"got placements {placements} (sharded on several mesh dims, or strided)")
+            sharded[mesh.get_group(mesh_dims[0])].append(i)
+            shard_dim[i] = pl.dim % len(shape)
+        for group, idx in sharded.items():
+            for ids in _by_dtype(idx, inputs):
+                self._exchange_sharded(group, ids, shard_dim, inputs, out, kw)
         for group, idx in replicated.items():
-            self._gather_replicated(group, idx, inputs, out, kw)
+            for ids in _by_dtype(idx, inputs):
+                self._gather_replicated(group, ids, inputs, out, kw)
 
-    def _deal(self, idx: List[int], world: int) -> Tuple[Dict[int, int], List[int]]:
-        """Round-robin owners after a stable sort by shape (same-shape matrices batch on owners)."""
+    def _deal(self, idx: List[int], world: int) -> Tuple[List[int], Dict[int, int]]:
+        """Round-robin owners after a stable sort by shape, so same-shape matrices batch on owners."""
         order = sorted(idx, key=lambda i: self.layouts[i][1])
-        return {i: k % world for k, i in enumerate(order)}, order
+        return order, {i: k % world for k, i in enumerate(order)}
 
-    def _exchange_sharded(self, group, items, inputs, out, kw):
+    def _exchange_sharded(self, group, idx, shard_dim, inputs, out, kw):
+        """Whole-matrix LMO of matrices sharded over ``group``: two all_to_all_single."""
         import torch.distributed as dist
 
         world, me = dist.get_world_size(group), dist.get_rank(group)
-        dims = dict(items)
-        by_dtype: Dict[torch.dtype, List[int]] = defaultdict(list)
-        for i, _ in items:
-            by_dtype[inputs[i].dtype].append(i)
-        for dtype, idx in by_dtype.items():
-            owner, order = self._deal(idx, world)
-            shape = {i: self.layouts[i][1] for i in idx}
-            sizes = {i: _chunk_sizes(shape[i][dims[i]], world) for i in idx}
-            for i in idx:
-                expect = _shard_shape(shape[i], dims[i], sizes[i][me])
-                if tuple(inputs[i].shape) != expect:
-                    raise ValueError(f"fusedecay: local shard of shape {tuple(inputs[i].shape)} where the Shard"
-                                     f"({dims[i]}) layout of {shape[i]} over {world} ranks gives {expect}")
-            piece = lambda i, r: math.prod(_shard_shape(shape[i], dims[i], sizes[i][r]))  # noqa: E731
-            mine = [i for i in order if owner[i] == me]
-            # NS casts to ns_dtype first, so sending shards in a narrower ns_dtype changes nothing.
-            ns_dtype = kw["ns_dtype"]
-            wire = ns_dtype if ns_dtype is not None and ns_dtype.itemsize < dtype.itemsize else dtype
-            dev = inputs[idx[0]].device
-            # 1) every shard to its matrix's owner
-            send_splits = [sum(piece(i, me) for i in order if owner[i] == r) for r in range(world)]
-            recv_splits = [sum(piece(i, r) for i in mine) for r in range(world)]
-            send = [inputs[i].reshape(-1).to(wire) for r in range(world) for i in order if owner[i] == r]
-            recv = torch.empty(sum(recv_splits), dtype=wire, device=dev)
-            dist.all_to_all_single(recv, torch.cat(send) if send else recv.new_empty(0), recv_splits, send_splits,
-                                   group=group)
-            # 2) owners assemble whole matrices (rank order = shard order) and run the LMO on them
-            parts = defaultdict(list)
-            off = 0
-            for r in range(world):
-                for i in mine:
-                    n = piece(i, r)
-                    parts[i].append(recv[off:off + n].view(_shard_shape(shape[i], dims[i], sizes[i][r])))
-                    off += n
-            whole = [torch.cat(parts[i], dim=dims[i]).to(dtype) for i in mine]
-            dirs = self.inner(whole, **kw) if whole else []
-            # 3) each rank its slice of every result, in the buffer's dtype
-            back = []
-            for r in range(world):
-                for i, d in zip(mine, dirs):
-                    lo = sum(sizes[i][:r])
-                    back.append(d.narrow(dims[i], lo, sizes[i][r]).reshape(-1).to(dtype))
-            result = torch.empty(sum(send_splits), dtype=dtype, device=dev)
-            dist.all_to_all_single(result, torch.cat(back) if back else result.new_empty(0), send_splits,
-                                   recv_splits, group=group)
-            off = 0
-            for r in range(world):
-                for i in order:
-                    if owner[i] == r:
-                        n = piece(i, me)
-                        out[i] = result[off:off + n].view(inputs[i].shape)
-                        off += n
+        order, owner = self._deal(idx, world)
+        mine = [i for i in order if owner[i] == me]
+        owned_by = [[i for i in order if owner[i] == r] for r in range(world)]
+        dtype, dev = inputs[idx[0]].dtype, inputs[idx[0]].device
+        sizes = {i: _chunk_sizes(self.layouts[i][1][shard_dim[i]], world) for i in idx}   # rows/cols per rank
+        shard_shape = lambda i, r: _shard_shape(self.layouts[i][1], shard_dim[i], sizes[i][r])  # noqa: E731
+        for i in idx:
+            if tuple(inputs[i].shape) != shard_shape(i, me):
+                raise ValueError(f"fusedecay: local shard of shape {tuple(inputs[i].shape)} where Shard({shard_dim[i]}) "
+                                 f"of {self.layouts[i][1]} over {world} ranks gives {shard_shape(i, me)}")
+        to_owner = [sum(inputs[i].numel() for i in owned_by[r]) for r in range(world)]   # what I send rank r
+        from_rank = [sum(math.prod(shard_shape(i, r)) for i in mine) for r in range(world)]  # what r sends me
+
+        # 1) every shard to its matrix's owner. NS casts to ns_dtype first, so shards may travel in it.
+        ns_dtype = kw["ns_dtype"]
+        wire = ns_dtype if ns_dtype is not None and ns_dtype.itemsize < dtype.itemsize else dtype
+        send = [inputs[i].reshape(-1).to(wire) for r in range(world) for i in owned_by[r]]
+        recv = torch.empty(sum(from_rank), dtype=wire, device=dev)
+        dist.all_to_all_single(recv, torch.cat(send) if send else recv.new_empty(0), from_rank, to_owner, group=group)
+
+        # 2) owners reassemble whole matrices (rank order is shard order) and run the LMO on them
+        parts: Dict[int, List[Tensor]] = defaultdict(list)
+        flat = iter(recv.split([math.prod(shard_shape(i, r)) for r in range(world) for i in mine]))
+        for r in range(world):
+            for i in mine:
+                parts[i].append(next(flat).view(shard_shape(i, r)))
+        whole = [torch.cat(parts[i], dim=shard_dim[i]).to(dtype) for i in mine]
+        dirs = self.inner(whole, **kw) if whole else []
+
+        # 3) every rank gets its slice of each result, in the buffer's dtype
+        back = [d.narrow(shard_dim[i], sum(sizes[i][:r]), sizes[i][r]).reshape(-1).to(dtype)
+                for r in range(world) for i, d in zip(mine, dirs)]
+        result = torch.empty(sum(to_owner), dtype=dtype, device=dev)
+        dist.all_to_all_single(result, torch.cat(back) if back else result.new_empty(0), to_owner, from_rank,
+                               group=group)
+        mine_in_order = [i for r in range(world) for i in owned_by[r]]
+        for i, piece in zip(mine_in_order, result.split([inputs[i].numel() for i in mine_in_order])):
+            out[i] = piece.view(inputs[i].shape)
 
     def _gather_replicated(self, group, idx, inputs, out, kw):
+        """LMO of whole matrices present on every rank of ``group``: a share each, one all_gather."""
         import torch.distributed as dist
 
         world, me = dist.get_world_size(group), dist.get_rank(group)
-        by_dtype: Dict[torch.dtype, List[int]] = defaultdict(list)
-        for i in idx:
-            by_dtype[inputs[i].dtype].append(i)
-        for dtype, ids in by_dtype.items():
-            owner, order = self._deal(ids, world)
-            mine = [i for i in order if owner[i] == me]
-            dirs = self.inner([inputs[i] for i in mine], **kw) if mine else []
-            totals = [sum(inputs[i].numel() for i in order if owner[i] == r) for r in range(world)]
-            slot = max(max(totals), 1)  # all_gather needs equal sizes: pad to the largest share
-            buf = inputs[ids[0]].new_zeros(slot, dtype=dtype)
-            off = 0
-            for d in dirs:
-                buf[off:off + d.numel()].copy_(d.reshape(-1))
-                off += d.numel()
-            gathered = buf.new_empty(world * slot)
-            dist.all_gather(list(gathered.split(slot)), buf, group=group)
-            offs = [r * slot for r in range(world)]
-            for i in order:
-                r = owner[i]
-                n = inputs[i].numel()
-                out[i] = gathered[offs[r]:offs[r] + n].view(inputs[i].shape)
-                offs[r] += n
+        order, owner = self._deal(idx, world)
+        owned_by = [[i for i in order if owner[i] == r] for r in range(world)]
+        dirs = self.inner([inputs[i] for i in owned_by[me]], **kw) if owned_by[me] else []
+        slot = max(1, max(sum(inputs[i].numel() for i in ids) for ids in owned_by))  # all_gather: equal sizes
+        buf = inputs[idx[0]].new_zeros(slot)
+        if dirs:
+            flat = torch.cat([d.reshape(-1).to(buf.dtype) for d in dirs])
+            buf[:flat.numel()].copy_(flat)
+        gathered = buf.new_empty(world * slot)
+        dist.all_gather(list(gathered.split(slot)), buf, group=group)
+        for r, ids in enumerate(owned_by):
+            numels = [inputs[i].numel() for i in ids]
+            for i, piece in zip(ids, gathered.narrow(0, r * slot, sum(numels)).split(numels)):
+                out[i] = piece.view(inputs[i].shape)
+
+
+def _by_dtype(idx: List[int], inputs: List[Tensor]) -> List[List[int]]:
+    groups: Dict[torch.dtype, List[int]] = defaultdict(list)
+    for i in idx:
+        groups[inputs[i].dtype].append(i)
+    return list(groups.values())
