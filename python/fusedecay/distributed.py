@@ -280,10 +280,11 @@ class DistributedLMO:
             acc = F._mu_dtype(dtype)
             sq = torch.stack([inputs[i].square().sum(dtype=acc) for i in idx])        # local Σm²
             _all_reduce_over(_shard_groups(key))(sq)                                   # one all-reduce
-            n = torch.tensor([max(math.prod(self.layouts[i][1]), 1) for i in idx], dtype=acc)
-            inv_rms = torch.rsqrt(sq / n.to(sq.device, non_blocking=True) + RMS_EPS)
-            for k, i in enumerate(idx):
-                out[i] = inputs[i] * inv_rms[k].to(dtype)
+            numels = [float(max(math.prod(self.layouts[i][1]), 1)) for i in idx]              # global sizes
+            inv_rms = torch._foreach_add(torch._foreach_div(list(sq.unbind(0)), numels), RMS_EPS)
+            torch._foreach_rsqrt_(inv_rms)
+            for i, r in zip(idx, inv_rms):
+                out[i] = inputs[i] * r.to(dtype)
 
     # -- spectral: NS of whole matrices on owner ranks --------------------------------------------
     def _spectral(self, inputs, out, own, kw):
@@ -337,8 +338,9 @@ class DistributedLMO:
         shard_shape = lambda i, r: _shard_shape(self.layouts[i][1], shard_dim[i], sizes[i][r])  # noqa: E731
         for i in idx:
             if tuple(inputs[i].shape) != shard_shape(i, me):
-                raise ValueError(f"fusedecay: local shard of shape {tuple(inputs[i].shape)} where Shard({shard_dim[i]}) "
-                                 f"of {self.layouts[i][1]} over {world} ranks gives {shard_shape(i, me)}")
+                raise ValueError(f"fusedecay: local shard of shape {tuple(inputs[i].shape)} where "
+                                 f"Shard({shard_dim[i]}) of {self.layouts[i][1]} over {world} ranks gives "
+                                 f"{shard_shape(i, me)}")
         to_owner = [sum(inputs[i].numel() for i in owned_by[r]) for r in range(world)]   # what I send rank r
         from_rank = [sum(math.prod(shard_shape(i, r)) for i in mine) for r in range(world)]  # what r sends me
 
