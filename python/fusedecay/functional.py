@@ -68,6 +68,8 @@ def adam_decay(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
                       ("state_steps", state_steps)):
         if len(lst) != n:
             raise ValueError(f"{name} has {len(lst)} entries for {n} params")
+    if weight_decay == 0:
+        decay = "l2"  # no decay: every kind reduces to θ − γu bit for bit, and δ is not needed
     tracks = decay != "l2" and delta_mode != "fixed"
     if tracks and (delta_mus is None or len(delta_mus) != n):
         raise ValueError("delta_mode 'mean'/'ema' needs one delta_mu per param")

@@ -36,6 +36,8 @@ class _AdamDecayBase(Optimizer):
         V.non_negative("lr", g["lr"])
         V.betas(g["betas"])
         V.non_negative("eps", g["eps"])
+        if isinstance(g["weight_decay"], Tensor):
+            raise TypeError("Invalid weight_decay: pass a Python number (only lr may be a tensor)")
         V.non_negative("weight_decay", g["weight_decay"])
         V.flag("bias_correction", g["bias_correction"])
         V.flag("maximize", g["maximize"])
@@ -70,7 +72,8 @@ class _AdamDecayBase(Optimizer):
         return group.get("initial_lr", group["init_lr"])
 
     def _tracks_delta(self, group) -> bool:
-        return self._decay_of(group) != "l2" and group.get("delta_mode", "fixed") != "fixed"
+        return (self._decay_of(group) != "l2" and group.get("delta_mode", "fixed") != "fixed"
+                and group["weight_decay"] != 0)
 
     # -- state -----------------------------------------------------------------------------------
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, steps, mus):
