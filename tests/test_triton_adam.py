@@ -1,0 +1,545 @@
+"""Triton AdamHD/AdamC kernels (fusedecay.triton_kernels.adam_decay) against the float64 reference.
+
+On a machine without a GPU these run through Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), float32 only, with small blocks so that small odd-sized tensors still span several
+blocks. Tests marked ``cuda`` run the compiled kernels: bf16, large tensors, CUDA-graph replay,
+torch.compile.
+"""
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from fusedecay import AdamC, AdamHD, backends  # noqa: E402
+from fusedecay import functional as F  # noqa: E402
+from fusedecay.reference import adam_decay_reference  # noqa: E402
+from fusedecay.triton_kernels import adam_decay as K  # noqa: E402
+from tolerances import assert_close, assert_low_precision_ok  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+# Odd sizes, an empty tensor, a 0-d scalar, a size-1 dim; with a 32-element block most span several blocks.
+SHAPES = [(37,), (5, 7), (0,), (3, 1, 11), (), (130,)]
+SMALL_BLOCK = 32
+
+
+@pytest.fixture(autouse=True)
+def _small_blocks(monkeypatch, request):
+    """Small blocks (multi-block tensors at small sizes) except in the cuda tests; a fresh metadata cache."""
+    if request.node.get_closest_marker("cuda") is None:
+        monkeypatch.setattr(K, "DEFAULT_BLOCK", SMALL_BLOCK)
+        monkeypatch.setattr(K, "DEFAULT_NUM_WARPS", 1)
+    K.clear_cache()
+    yield
+    K.clear_cache()
+
+
+def _tensors(shapes, seed, dtype=torch.float32, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).to(device=device, dtype=dtype) for s in shapes]
+
+
+def _state(shapes, seed, dtype=torch.float32, device=DEVICE):
+    """params, exp_avgs, exp_avg_sqs (non-trivial), steps, delta_mus: a mid-training state."""
+    params = _tensors(shapes, seed, dtype, device)
+    exp_avgs = [0.1 * x for x in _tensors(shapes, seed + 1, dtype, device)]
+    exp_avg_sqs = [0.01 * x.abs() for x in _tensors(shapes, seed + 2, dtype, device)]
+    steps = [torch.tensor(float(3 + i), device=device) for i in range(len(shapes))]
+    mus = [F.init_delta_mu(p) for p in params]
+    return params, exp_avgs, exp_avg_sqs, steps, mus
+
+
+def _f64(xs):
+    return [x.detach().clone().to(torch.float64) for x in xs]
+
+
+def _clone(xs):
+    return [x.detach().clone() for x in xs]
+
+
+def _assert_lists_close(actual, expected, what):
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert_close(a, e, dtype=torch.float32, msg=f"{what}[{i}]")
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry
+# ------------------------------------------------------------------------------------------------
+
+def test_backend_registered_for_this_machine():
+    b = backends.available_backends().get("triton")
+    assert b is not None, backends.unavailable_reasons()
+    if INTERPRET:
+        assert b.supports(torch.device("cpu"), torch.float32)
+        assert not b.supports(torch.device("cpu"), torch.bfloat16)
+        with pytest.raises(RuntimeError, match="does not support"):
+            backends.resolve("triton", torch.device("cpu"), torch.float64)
+    else:
+        assert b.supports(torch.device("cuda"), torch.bfloat16)
+        assert not b.supports(torch.device("cpu"), torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# The kernel contract (functional API) against the float64 reference
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("decay", ["l2", "prox", "euler"])
+@pytest.mark.parametrize("corrected", [False, True])
+def test_functional_matches_reference(decay, corrected):
+    """Several steps, δ from μ (EMA), lr a tensor that changes per step: params, m, v, μ, step."""
+    params, m, v, steps, mus = _state(SHAPES, seed=10)
+    ref = [_f64(params), _f64(m), _f64(v), _clone(steps), _f64(mus)]
+    lr = torch.tensor(2e-2, device=DEVICE)
+    kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.5, decay=decay, delta_mode="ema",
+              delta_scale=0.8, delta_beta=0.9, max_lr=0.05 if corrected else None)
+    for t in range(3):
+        lr.fill_(2e-2 * (1 + t))
+        grads = _tensors(SHAPES, seed=100 + t)
+        F.adam_decay(params, grads, m, v, steps, mus, lr=lr, backend="triton", **kw)
+        F.adam_decay(ref[0], _f64(grads), ref[1], ref[2], ref[3], ref[4], lr=lr, backend="reference", **kw)
+        for name, got, exp in zip(("param", "exp_avg", "exp_avg_sq", "step", "delta_mu"),
+                                  (params, m, v, steps, mus), ref):
+            _assert_lists_close(got, exp, f"step {t} {name}")
+
+
+@pytest.mark.parametrize("decay", ["prox", "euler"])
+def test_fixed_delta_float_lr_maximize_no_bias_correction_eps0(decay):
+    """Also eps = 0: masked tail lanes (0/0) must not leak into Σ|θ|."""
+    params, m, v, steps, _ = _state(SHAPES, seed=20)
+    ref = [_f64(params), _f64(m), _f64(v), _clone(steps)]
+    grads = _tensors(SHAPES, seed=21)
+    kw = dict(lr=0.03, beta1=0.8, beta2=0.95, eps=0.0, weight_decay=2.0, decay=decay, delta_fixed=0.4,
+              delta_scale=1.0, max_lr=0.06, bias_correction=False, maximize=True)
+    sums = torch.empty(len(SHAPES), device=DEVICE)
+    sums_ref = torch.empty(len(SHAPES), dtype=torch.float64, device=DEVICE)
+    K.adam_decay(params, grads, m, v, steps, None, sums, **kw)
+    adam_decay_reference(ref[0], _f64(grads), ref[1], ref[2], ref[3], None, sums_ref, **kw)
+    for got, exp, name in zip((params, m, v), ref, ("param", "exp_avg", "exp_avg_sq")):
+        _assert_lists_close(got, exp, name)
+    assert_close(sums, sums_ref, dtype=torch.float32)
+
+
+def test_bias_correction_late_step():
+    """1 − β^t from the step tensor at t ~ 1e4 and at t = 1 (the cancellation-prone end)."""
+    params, m, v, _, _ = _state([(50,), (9,)], seed=30)
+    steps = [torch.tensor(1.0, device=DEVICE), torch.tensor(12345.0, device=DEVICE)]
+    ref = [_f64(params), _f64(m), _f64(v)]
+    grads = _tensors([(50,), (9,)], seed=31)
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decay="l2", delta_fixed=None,
+              delta_scale=1.0, max_lr=None, bias_correction=True, maximize=False)
+    K.adam_decay(params, grads, m, v, steps, None, None, **kw)
+    adam_decay_reference(ref[0], _f64(grads), ref[1], ref[2], steps, None, None, **kw)
+    _assert_lists_close(params, ref[0], "param")
+
+
+def test_grad_scale_and_found_inf():
+    shapes = [(37,), (0,), (6, 5)]
+    params, m, v, steps, mus = _state(shapes, seed=40)
+    grads = _tensors(shapes, seed=41)
+    before = [_clone(params), _clone(m), _clone(v), _clone(steps), _clone(mus)]
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.3, decay="prox", delta_mode="mean",
+              delta_scale=1.5)
+    scale = torch.tensor(1024.0, device=DEVICE)
+    scaled = [g * scale for g in grads]
+    # Overflow step: nothing moves (params, moments, μ, step) — no host sync involved.
+    F.adam_decay(params, scaled, m, v, steps, mus, backend="triton", grad_scale=scale,
+                 found_inf=torch.tensor(1.0, device=DEVICE), **kw)
+    for got, old in zip((params, m, v, steps, mus), before):
+        for a, b in zip(got, old):
+            assert torch.equal(a, b)
+    # Clean step with a scaled gradient = reference with the unscaled gradient.
+    ref = [_f64(params), _f64(m), _f64(v), _clone(steps), _f64(mus)]
+    F.adam_decay(params, scaled, m, v, steps, mus, backend="triton", grad_scale=scale,
+                 found_inf=torch.tensor(0.0, device=DEVICE), **kw)
+    F.adam_decay(*ref[:1], _f64(grads), *ref[1:], backend="reference", **kw)
+    for name, got, exp in zip(("param", "exp_avg", "exp_avg_sq", "step", "delta_mu"), (params, m, v, steps, mus), ref):
+        _assert_lists_close(got, exp, name)
+
+
+def test_found_inf_abs_sums_are_of_unchanged_params():
+    params, m, v, steps, _ = _state([(70,), (3,)], seed=45)
+    sums = torch.full((2,), -1.0, device=DEVICE)
+    K.adam_decay(params, _tensors([(70,), (3,)], seed=46), m, v, steps, None, sums, lr=0.1, beta1=0.9,
+                 beta2=0.99, eps=1e-8, weight_decay=0.1, decay="euler", delta_fixed=0.5, delta_scale=1.0,
+                 max_lr=None, bias_correction=True, maximize=False, found_inf=torch.tensor(2.0, device=DEVICE))
+    assert_close(sums, torch.stack([p.abs().sum() for p in params]), dtype=torch.float32)
+
+
+def test_empty_tensors_only():
+    params, m, v, steps, mus = _state([(0,), (0, 3)], seed=50)
+    sums = torch.full((2,), -1.0, device=DEVICE)
+    K.adam_decay(params, _tensors([(0,), (0, 3)], seed=51), m, v, steps, mus, sums, lr=0.1, beta1=0.9, beta2=0.99,
+                 eps=1e-8, weight_decay=0.1, decay="prox", delta_fixed=None, delta_scale=1.0, max_lr=None,
+                 bias_correction=True, maximize=False)
+    assert torch.equal(sums, torch.zeros(2, device=DEVICE))
+
+
+def test_rerun_is_bit_identical():
+    """Same inputs twice → identical params, state and Σ|θ| (ordered reduction, no atomics)."""
+    shapes = [(300,), (17, 19), (5,)]
+    outs = []
+    for _ in range(2):
+        K.clear_cache()
+        params, m, v, steps, mus = _state(shapes, seed=60)
+        sums = torch.empty(len(shapes), device=DEVICE)
+        for t in range(2):
+            K.adam_decay(params, _tensors(shapes, seed=61 + t), m, v, steps, mus, sums, lr=3e-2, beta1=0.9,
+                         beta2=0.999, eps=1e-8, weight_decay=0.2, decay="prox", delta_fixed=None,
+                         delta_scale=1.0, max_lr=None, bias_correction=True, maximize=False)
+        outs.append(params + m + v + [sums])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_non_contiguous_params():
+    """A transposed (dense) param runs in place; a strided slice is staged and written back."""
+    base = _tensors([(12, 10)], seed=70)[0]
+    transposed = base.t()                     # dense, permuted strides: updated as a flat array
+    big = _tensors([(9, 16)], seed=71)[0]
+    sliced = big[:, ::3]                      # not dense: contiguous stand-in + copy back
+    params = [transposed, sliced]
+    m = [torch.zeros_like(p, memory_format=torch.preserve_format) + 0.01 for p in params]
+    v = [torch.zeros_like(p, memory_format=torch.preserve_format) + 1e-4 for p in params]
+    steps = [torch.tensor(1.0, device=DEVICE) for _ in params]
+    grads = [torch.randn_like(p, memory_format=torch.preserve_format) for p in params]
+    grads[1] = torch.randn(sliced.shape, device=DEVICE)  # contiguous grad for a strided param
+    ref = [_f64(params), _f64(m), _f64(v)]
+    untouched = big[:, 1::3].clone()
+    kw = dict(lr=0.05, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.4, decay="euler", delta_fixed=0.3,
+              delta_scale=1.0, max_lr=None, bias_correction=True, maximize=False)
+    sums = torch.empty(2, device=DEVICE)
+    K.adam_decay(params, grads, m, v, steps, None, sums, **kw)
+    adam_decay_reference(ref[0], _f64(grads), ref[1], ref[2], steps, None, None, **kw)
+    for got, exp, name in zip((params, m, v), ref, ("param", "exp_avg", "exp_avg_sq")):
+        _assert_lists_close(got, exp, name)
+    assert_close(base.t(), ref[0][0], dtype=torch.float32)      # the storage behind the view moved
+    assert_close(big[:, ::3], ref[0][1], dtype=torch.float32)
+    assert torch.equal(big[:, 1::3], untouched)                # neighbours of the slice did not
+    assert_close(sums, torch.stack([r.abs().sum() for r in ref[0]]), dtype=torch.float32)
+
+
+def test_mixed_moment_dtypes_split_into_launches():
+    """A float16 exp_avg_sq for one tensor: a second launch, Σ|θ| still lands in the right slots."""
+    shapes = [(37,), (9,), (50,)]
+    params, m, v, steps, _ = _state(shapes, seed=75)
+    v[1] = v[1].to(torch.float16)
+    ref = [_f64(params), _f64(m), [x.clone() for x in v]]
+    ref[2] = [x.to(torch.float64) if x.dtype == torch.float32 else x for x in ref[2]]
+    grads = _tensors(shapes, seed=76)
+    sums = torch.empty(3, device=DEVICE)
+    sums_ref = torch.empty(3, dtype=torch.float64, device=DEVICE)
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decay="l2", delta_fixed=None,
+              delta_scale=1.0, max_lr=None, bias_correction=True, maximize=False)
+    K.adam_decay(params, grads, m, v, steps, None, sums, **kw)
+    adam_decay_reference(ref[0], _f64(grads), ref[1], ref[2], steps, None, sums_ref, **kw)
+    assert [len(plans) for plans in K._PLAN_CACHE.values()] == [2]
+    assert v[1].dtype == torch.float16
+    _assert_lists_close(params, ref[0], "param")
+    _assert_lists_close(m, ref[1], "exp_avg")
+    assert_close(sums, sums_ref, dtype=torch.float32)
+
+
+def test_metadata_built_once_in_steady_state(monkeypatch):
+    """Same tensors → cached device metadata (no host→device copy); new grad storage → rebuilt, still right."""
+    calls = []
+    real = K._build_plans
+    monkeypatch.setattr(K, "_build_plans", lambda *a, **k: calls.append(1) or real(*a, **k))
+    params, m, v, steps, _ = _state(SHAPES, seed=80)
+    grads = _tensors(SHAPES, seed=81)
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decay="l2", delta_fixed=None,
+              delta_scale=1.0, max_lr=None, bias_correction=True, maximize=False)
+    for _ in range(3):
+        K.adam_decay(params, grads, m, v, steps, None, None, **kw)
+    assert len(calls) == 1
+    ref = [_f64(params), _f64(m), _f64(v)]
+    new_grads = [g.clone() * 2 for g in grads]  # new storage
+    K.adam_decay(params, new_grads, m, v, steps, None, None, **kw)
+    assert len(calls) == 2
+    adam_decay_reference(ref[0], _f64(new_grads), ref[1], ref[2], steps, None, None, **kw)
+    _assert_lists_close(params, ref[0], "param")
+
+
+def test_errors_name_the_argument():
+    params, m, v, steps, _ = _state([(5,)], seed=90)
+    grads = _tensors([(5,)], seed=91)
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decay="prox", delta_fixed=None,
+              delta_scale=1.0, max_lr=None, bias_correction=True, maximize=False)
+    with pytest.raises(ValueError, match="delta_mus"):
+        K.adam_decay(params, grads, m, v, steps, None, None, **kw)
+    with pytest.raises(ValueError, match="decay"):
+        K.adam_decay(params, grads, m, v, steps, None, None, **{**kw, "decay": "l1"})
+    with pytest.raises(ValueError, match="state_steps"):
+        K.adam_decay(params, grads, m, v, [torch.tensor(1, device=DEVICE)], None, None, **{**kw, "decay": "l2"})
+    with pytest.raises(ValueError, match="exp_avgs"):
+        K.adam_decay(params, grads, [torch.zeros(4, device=DEVICE)], v, steps, None, None, **{**kw, "decay": "l2"})
+    with pytest.raises(ValueError, match="abs_sums"):
+        K.adam_decay(params, grads, m, v, steps, None, torch.empty(3, device=DEVICE), **{**kw, "decay": "l2"})
+    with pytest.raises(ValueError, match="lr"):
+        K.adam_decay(params, grads, m, v, steps, None, None, **{**kw, "decay": "l2", "lr": torch.ones(2)})
+    assert torch.equal(steps[0], torch.tensor(3.0, device=DEVICE))  # nothing ran
+
+
+# ------------------------------------------------------------------------------------------------
+# Through the optimizer classes: δ modes, param groups, tensor lr, schedules
+# ------------------------------------------------------------------------------------------------
+
+def _groups(params, lr):
+    """Three groups: decayed matrices, an odd-sized vector group with its own lr, no-decay biases."""
+    return [{"params": params[:2]}, {"params": params[2:4], "lr": lr * 0.5 if isinstance(lr, float) else lr},
+            {"params": params[4:], "weight_decay": 0.0}]
+
+
+def _run_pair(make_opt, shapes, steps, lr_schedule=None, seed=0):
+    """The same optimizer with backend="triton" (fp32) and "reference" (fp64); compare every step."""
+    p32 = [torch.nn.Parameter(x) for x in _tensors(shapes, seed)]
+    p64 = [torch.nn.Parameter(x.detach().double()) for x in p32]
+    opt, ref = make_opt(p32, "triton"), make_opt(p64, "reference")
+    for t in range(steps):
+        for a, b, g in zip(p32, p64, _tensors(shapes, seed + 1 + t)):
+            a.grad, b.grad = g, g.double()
+        if lr_schedule is not None:
+            for o in (opt, ref):
+                for group in o.param_groups:
+                    lr_schedule(group, t)
+        opt.step()
+        ref.step()
+        for i, (a, b) in enumerate(zip(p32, p64)):
+            assert_close(a.detach(), b.detach(), dtype=torch.float32, msg=f"step {t} param {i}")
+            sa, sb = opt.state[a], ref.state[b]
+            assert set(sa) == set(sb)
+            for k in sa:
+                assert_close(sa[k], sb[k], dtype=torch.float32, msg=f"step {t} param {i} state {k}")
+    return opt, p32
+
+
+@pytest.mark.parametrize("delta_mode", ["fixed", "mean", "ema"])
+@pytest.mark.parametrize("update", ["prox", "euler"])
+def test_adamhd_class_matches_reference(delta_mode, update):
+    shapes = [(13, 7), (40,), (3, 5), (1,), (0,), (9,)]
+    delta = 0.2 if delta_mode == "fixed" else None
+    corrected = delta_mode != "mean"
+    lr = torch.tensor(0.02, device=DEVICE)
+
+    def make(ps, backend):
+        return AdamHD(_groups(ps, lr), lr=lr, weight_decay=0.7, update=update, delta_mode=delta_mode, delta=delta,
+                      delta_scale=0.9, delta_beta=0.8, corrected=corrected, max_lr=0.04, backend=backend)
+
+    _run_pair(make, shapes, steps=3, lr_schedule=lambda g, t: g["lr"].fill_(0.02 * (1 + t)), seed=1)
+
+
+@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
+def test_adamc_class_with_schedule_matches_reference(lr_kind):
+    """AdamC, γ_max = lr at construction (a tensor too), lr following a schedule; one uncorrected group."""
+    shapes = [(11, 6), (25,), (4,), (7, 3), (2,)]
+    lr0 = 0.05 if lr_kind == "float" else torch.tensor(0.05, device=DEVICE)
+
+    def make(ps, backend):
+        return AdamC([{"params": ps[:3]}, {"params": ps[3:], "corrected": False}], lr=lr0, weight_decay=0.3,
+                     backend=backend)
+
+    def schedule(group, t):
+        if lr_kind == "float":
+            group["lr"] = 0.05 / (1 + t)
+        else:
+            group["lr"].fill_(0.05 / (1 + t))
+
+    _run_pair(make, shapes, steps=3, lr_schedule=schedule, seed=2)
+
+
+def test_adamc_constant_lr_is_torch_adamw():
+    shapes = [(21, 4), (9,), (0,)]
+    ps = [torch.nn.Parameter(x) for x in _tensors(shapes, 3)]
+    qs = [torch.nn.Parameter(x.detach().clone()) for x in ps]
+    opt = AdamC(ps, lr=0.01, weight_decay=0.2, backend="triton")
+    ref = torch.optim.AdamW(qs, lr=0.01, weight_decay=0.2, foreach=False)
+    for t in range(3):
+        for a, b, g in zip(ps, qs, _tensors(shapes, 30 + t)):
+            a.grad, b.grad = g, g.clone()
+        opt.step()
+        ref.step()
+    for a, b in zip(ps, qs):
+        assert_close(a.detach(), b.detach(), dtype=torch.float32)
+        assert_close(opt.state[a]["exp_avg_sq"], ref.state[b]["exp_avg_sq"], dtype=torch.float32)
+
+
+def _compile_no_recompile(device):
+    """torch.compile of step(): a changing tensor lr must not recompile; results equal eager."""
+    torch._dynamo.reset()
+    shapes = [(19, 3), (8,)]
+    ps = [torch.nn.Parameter(x) for x in _tensors(shapes, 4, device=device)]
+    qs = [torch.nn.Parameter(x.detach().clone()) for x in ps]
+    lr_a, lr_b = torch.tensor(0.01, device=device), torch.tensor(0.01, device=device)
+    opt = AdamHD(ps, lr=lr_a, update="prox", corrected=True, max_lr=0.05, backend="triton")
+    eager = AdamHD(qs, lr=lr_b, update="prox", corrected=True, max_lr=0.05, backend="triton")
+    compiled_step = torch.compile(opt.step, backend="eager" if device == "cpu" else "inductor")
+    try:
+        for t in range(4):
+            for a, b, g in zip(ps, qs, _tensors(shapes, 40 + t, device=device)):
+                a.grad, b.grad = g, g.clone()
+            lr_a.fill_(0.01 * (t + 1))
+            lr_b.fill_(0.01 * (t + 1))
+            if t == 0:
+                compiled_step()
+            else:
+                with torch._dynamo.config.patch(error_on_recompile=True):
+                    compiled_step()
+            eager.step()
+            for a, b in zip(ps, qs):
+                assert_close(a.detach(), b.detach(), dtype=torch.float32)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_torch_compile_tensor_lr_no_recompile_cpu():
+    if not INTERPRET:
+        pytest.skip("the CPU path of the triton backend exists only under TRITON_INTERPRET=1")
+    _compile_no_recompile("cpu")
+
+
+_PTX_CHECK = r"""
+import re, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+sys.path.insert(0, sys.argv[1])
+from fusedecay.triton_kernels import adam_decay as K
+scalars = ("lr_value", "max_lr_value", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps",
+           "weight_decay", "delta_fixed", "delta_scale")
+for p_dt, m_dt, aligned in ((tl.float32, tl.float32, True), (tl.bfloat16, tl.float32, True),
+                            (tl.bfloat16, tl.bfloat16, True), (tl.float32, tl.float32, False)):
+    const = dict(P_DTYPE=p_dt, G_DTYPE=p_dt, M_DTYPE=m_dt, V_DTYPE=m_dt, DECAY=1, DELTA_FROM_MU=True, LR_IS_PTR=True,
+                 CORRECTED=True, MAX_LR_IS_PTR=False, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, BIAS_CORRECTION=True,
+                 LOG2_BETA1=-0.152, LOG2_BETA2=-0.00144, MAXIMIZE=False, WRITE_ABS=True, ALIGNED=aligned,
+                 BLOCK=K.DEFAULT_BLOCK)
+    sig = {a: ("fp32" if a in scalars else "i32" if a in ("n_tensors", "block_map_offset") else
+               "*i64" if a == "meta_ptr" else "*fp32") for a in K._adam_decay_kernel.arg_names if a not in const}
+    sig.update({k: "constexpr" for k in const})
+    src = triton.compiler.ASTSource(fn=K._adam_decay_kernel, signature=sig, constexprs=const)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": K.DEFAULT_NUM_WARPS}).asm["ptx"]
+    print(aligned, "ld.global.v4" in ptx and "st.global.v4" in ptx)
+"""
+
+
+@pytest.mark.slow
+def test_kernel_lowers_to_ptx_with_vector_accesses(tmp_path):
+    """Without a GPU: compile the kernel for sm_90 (PTX only) and check 16-byte loads/stores when aligned."""
+    import subprocess
+    import sys
+    if CUDA:
+        pytest.skip("a GPU is present: the cuda tests compile and run the real kernels")
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("this triton has no NVIDIA backend to compile with")
+    script = tmp_path / "ptx_check.py"
+    script.write_text(_PTX_CHECK)
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    python_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
+    out = subprocess.run([sys.executable, str(script), python_dir], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["True", "True", "True", "True", "True", "True", "False", "False"]
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: compiled kernels
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("moment_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("decay", ["l2", "prox", "euler"])
+def test_bf16_params_error_vs_eager(decay, moment_dtype):
+    """bf16 params: fused error vs float64 ≤ 2× the same-dtype eager reference's error (spec §5)."""
+    shapes = [(1023, 77), (4099,), (0,), (31,)]
+    p0, m0, v0, _, mu0 = _state(shapes, seed=110)
+    kw = dict(lr=torch.tensor(1e-2, device="cuda"), beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.3,
+              decay=decay, delta_mode="ema", delta_scale=1.0, delta_beta=0.9, max_lr=0.02)
+    runs = {}
+    for name, dt, mdt, backend in (("fused", torch.bfloat16, moment_dtype, "triton"),
+                                   ("eager", torch.bfloat16, moment_dtype, "reference"),
+                                   ("ref64", torch.float64, torch.float64, "reference")):
+        p = [x.to(dt) for x in p0]
+        m, v = [x.to(mdt) for x in m0], [x.to(mdt) for x in v0]
+        steps = [torch.tensor(1.0, device="cuda") for _ in shapes]
+        mus = [x.to(torch.float64 if dt == torch.float64 else torch.float32) for x in mu0]
+        for t in range(4):
+            grads = [g.to(dt) for g in _tensors(shapes, seed=111 + t)]
+            F.adam_decay(p, grads, m, v, steps, mus, backend=backend, **kw)
+        runs[name] = (p, m, v)
+    for k, what in enumerate(("param", "exp_avg", "exp_avg_sq")):
+        for i, s in enumerate(shapes):
+            if runs["ref64"][k][i].numel() == 0:
+                continue
+            assert_low_precision_ok(runs["fused"][k][i], runs["eager"][k][i], runs["ref64"][k][i], f"{what}[{i}]")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_large_and_many_tensors_cuda():
+    """A > 2^24-element tensor plus 300 small ones, fp32, against the reference on the GPU."""
+    shapes = [(4097, 4099)] + [(i % 37 + 1, 3) for i in range(300)]
+    params, m, v, steps, mus = _state(shapes, seed=120)
+    ref = [_clone(params), _clone(m), _clone(v), _clone(steps), _clone(mus)]
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decay="prox", delta_mode="ema",
+              delta_scale=1.0, delta_beta=0.99)
+    for t in range(2):
+        grads = _tensors(shapes, seed=121 + t)
+        F.adam_decay(params, grads, m, v, steps, mus, backend="triton", **kw)
+        F.adam_decay(ref[0], grads, ref[1], ref[2], ref[3], ref[4], backend="reference", **kw)
+    for name, got, exp in zip(("param", "exp_avg", "exp_avg_sq", "step", "delta_mu"), (params, m, v, steps, mus), ref):
+        _assert_lists_close(got, exp, name)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("opt_cls", ["AdamC", "AdamHD-fixed"])
+def test_cuda_graph_replay_with_changing_lr(opt_cls):
+    shapes = [(257, 33), (1000,), (5,)]
+    ps = [torch.nn.Parameter(x) for x in _tensors(shapes, 130)]
+    qs = [torch.nn.Parameter(x.detach().clone()) for x in ps]
+    lr_g, lr_e = torch.tensor(0.01, device="cuda"), torch.tensor(0.01, device="cuda")
+
+    def make(params, lr):
+        if opt_cls == "AdamC":
+            return AdamC(params, lr=lr, weight_decay=0.1, max_lr=0.05, backend="triton")
+        return AdamHD(params, lr=lr, weight_decay=0.1, delta_mode="fixed", delta=0.5, corrected=True, max_lr=0.05,
+                      backend="triton")
+
+    opt, eager = make(ps, lr_g), make(qs, lr_e)
+    static_grads = _tensors(shapes, 131)
+    for p, g in zip(ps, static_grads):
+        p.grad = g
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm-up: compiles kernels, builds and caches the device metadata
+            opt.step()
+    torch.cuda.current_stream().wait_stream(s)
+    for p, q in zip(ps, qs):  # restart both from the same point
+        q.data.copy_(p.data)
+        eager.state[q] = {k: v.clone() for k, v in opt.state[p].items()}
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for t in range(3):
+        new = _tensors(shapes, 132 + t)
+        for g, n, q in zip(static_grads, new, qs):
+            g.copy_(n)
+            q.grad = n.clone()
+        lr_g.fill_(0.01 * (t + 2))
+        lr_e.fill_(0.01 * (t + 2))
+        graph.replay()
+        eager.step()
+        for p, q in zip(ps, qs):
+            assert_close(p.detach(), q.detach(), dtype=torch.float32)
+            assert_close(opt.state[p]["exp_avg"], eager.state[q]["exp_avg"], dtype=torch.float32)
+            assert_close(opt.state[p]["step"], eager.state[q]["step"], dtype=torch.float32)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_torch_compile_tensor_lr_no_recompile_cuda():
+    _compile_no_recompile("cuda")
