@@ -344,6 +344,26 @@ def _check_sharded_lmo_is_whole_matrix_lmo(rank):
                     assert torch.equal(o, want), f"{kind} {tuple(f.shape)} {d.placements} ns_dtype={ns_dtype}"
 
 
+def _check_unsupported_layouts_raise(rank):
+    """Layouts the spectral LMO cannot handle, and mis-laid-out grads, raise before any collective."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+
+    mesh2 = init_device_mesh("cpu", (1, WORLD))
+    full = torch.randn(4, 6)
+    two_dims = distribute_tensor(full, mesh2, [Shard(0), Shard(1)])   # FSDP+TP-like 2-D sharding
+    lmo_fn = fd.DistributedLMO([(fd._layout_key(two_dims), (4, 6))], scion_directions_reference)
+    with pytest.raises(NotImplementedError, match="one mesh dim"):
+        lmo_fn([two_dims.to_local()], lmo="spectral", ns_steps=5, ns="classic", ns_dtype=None)
+    with pytest.raises(ValueError, match="Partial"):
+        fd._layout_key(DTensor.from_local(full, _mesh(), [Partial()]))
+    p = distribute_tensor(full, _mesh(), [Shard(0)])
+    opt = AdamHD([p], lr=0.1)
+    p.grad = full.clone()                                                # plain grad for a DTensor param
+    with pytest.raises(ValueError, match="grad of a DTensor param"):
+        opt.step()
+
+
 def _checks(ckpt_root):
     checks = {f"parity_{k}": _check_parity(k) for k in ("adamhd", "adamhd_mean", "adamc", "scionc")}
     checks.update({f"parity_hsdp_{k}": _check_parity(k, hsdp=True) for k in ("adamhd", "scionc")})
@@ -354,6 +374,7 @@ def _checks(ckpt_root):
     checks["fsdp_ns_split"] = _check_fsdp_ns_split
     checks["ddp_scionc"] = _check_ddp_scionc
     checks["sharded_lmo"] = _check_sharded_lmo_is_whole_matrix_lmo
+    checks["unsupported"] = _check_unsupported_layouts_raise
     return checks
 
 
@@ -446,6 +467,10 @@ def test_ddp_scionc_split_newton_schulz_matches_single_process(results):
 
 def test_sharded_lmo_equals_whole_matrix_lmo(results):
     _assert_ok(results, "sharded_lmo")
+
+
+def test_unsupported_layouts_and_mislaid_grads_raise(results):
+    _assert_ok(results, "unsupported")
 
 
 # -- single-process (no spawn) -------------------------------------------------------------------
