@@ -96,10 +96,26 @@ def adam_decay(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
         torch._foreach_sub_(state_steps, [found_inf.to(state_steps[0].device, torch.float32)] * n)
 
 
+_NUMEL_CACHE: Dict[Tuple, Tensor] = {}
+
+
+@torch.compiler.disable
+def _numel_tensor(numels: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The bucket's sizes as a device tensor, built once per (sizes, dtype, device): steady-state steps copy
+    nothing host→device, so the μ update can be captured in a CUDA graph."""
+    key = (numels, dtype, device)
+    t = _NUMEL_CACHE.get(key)
+    if t is None:
+        if len(_NUMEL_CACHE) > 256:
+            _NUMEL_CACHE.clear()
+        t = _NUMEL_CACHE[key] = torch.tensor(numels, dtype=dtype).to(device)
+    return t
+
+
 def update_delta_mu(delta_mus: List[Tensor], abs_sums: Tensor, numels: Sequence[int], beta: float,
                     found_inf: Optional[Tensor] = None) -> None:
     """μ ← β·μ + (1 − β)·Σ|θ|/numel for a bucket, in a fixed order (AdamHD Eq. 8–9; Eq. 7 is β = 0)."""
-    denom = torch.tensor([max(int(k), 1) for k in numels], dtype=abs_sums.dtype).to(abs_sums.device, non_blocking=True)
+    denom = _numel_tensor(tuple(max(int(k), 1) for k in numels), abs_sums.dtype, abs_sums.device)
     means = abs_sums / denom
     old = torch.stack(delta_mus)
     new = old * beta + means * (1 - beta)
