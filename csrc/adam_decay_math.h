@@ -9,6 +9,7 @@
 //   u = (m / bc1) / (sqrt(v)/sqrt(bc2) + ε)  (bc = 1 without bias correction)
 //   l2:    θ ← θ(1−τ) − γu
 //   prox:  y = θ − γu;  θ ← y/(1+τ) if |y| ≤ (1+τ)δ else y − τδ·sign(y)     (AdamHD Eq. 13–14, 18)
+//          computed as y − τ·clip(y/(1+τ), −δ, δ) (the same function, branch-free)
 //   euler: θ ← θ − γu − τ·clip(θ, −δ, δ)                                     (AdamHD Eq. 12)
 // with τ = γλ (uncorrected) or γλ·γ/γ_max (AdamC's corrected decay). Math runs in T (float for
 // fp32/bf16 storage, double for fp64); storage keeps the tensor's own dtype.
@@ -57,17 +58,20 @@ FD_HD uint32_t float_to_bits(float f) {
 #endif
 }
 
-FD_HD float widen(BF16 x) { return bits_to_float(static_cast<uint32_t>(x.bits) << 16); }
-FD_HD float widen(float x) { return x; }
-FD_HD double widen(double x) { return x; }
+FD_HD float bf16_bits_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
 
-FD_HD BF16 to_bf16(float f) {
+FD_HD uint16_t float_to_bf16_bits(float f) {
   const uint32_t u = float_to_bits(f);
   // NaN test written on the bits so the CPU loop stays branch-free and vectorisable.
   const bool is_nan = (u & 0x7fffffffu) > 0x7f800000u;
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return BF16{static_cast<uint16_t>(is_nan ? 0x7fc0u : rounded)};
+  return static_cast<uint16_t>(is_nan ? 0x7fc0u : rounded);
 }
+
+FD_HD float widen(BF16 x) { return bf16_bits_to_float(x.bits); }
+FD_HD float widen(float x) { return x; }
+FD_HD double widen(double x) { return x; }
+FD_HD BF16 to_bf16(float f) { return BF16{float_to_bf16_bits(f)}; }
 
 // narrow<S>(x): round a math-typed value to storage type S.
 template <typename S>
@@ -93,8 +97,6 @@ FD_HD float fd_sqrt(float x) { return sqrtf(x); }
 FD_HD double fd_sqrt(double x) { return sqrt(x); }
 FD_HD float fd_abs(float x) { return fabsf(x); }
 FD_HD double fd_abs(double x) { return fabs(x); }
-FD_HD float fd_copysign(float a, float b) { return copysignf(a, b); }
-FD_HD double fd_copysign(double a, double b) { return copysign(a, b); }
 FD_HD float fd_pow(float a, float b) { return powf(a, b); }
 FD_HD double fd_pow(double a, double b) { return pow(a, b); }
 
@@ -136,10 +138,8 @@ struct StepScalars {
   T lr;                // γ_t
   T tau;               // τ = γ_t λ_t
   T one_minus_tau;     // l2
-  T inv_one_plus_tau;  // prox, quadratic zone
-  T prox_threshold;    // (1+τ)δ
-  T prox_shift;        // τδ
-  T delta;             // δ (euler clip)
+  T inv_one_plus_tau;  // prox: 1/(1+τ)
+  T delta;             // δ (the Huber clip)
 };
 
 template <typename T>
@@ -179,8 +179,6 @@ FD_HD StepScalars<T> make_step_scalars(const KernelScalars<T>& ks, float step, T
   s.inv_one_plus_tau = T(1) / (T(1) + tau);
   const T delta = h.use_delta_fixed ? h.delta_fixed : h.delta_scale * mu;  // δ_t^(l)
   s.delta = delta;
-  s.prox_threshold = (T(1) + tau) * delta;
-  s.prox_shift = tau * delta;
   return s;
 }
 
@@ -195,8 +193,13 @@ FD_HD T adam_decay_element(T theta, T g, T& m, T& v, const StepScalars<T>& s) {
   if (D == kDecayL2) {
     return theta * s.one_minus_tau - step;
   } else if (D == kDecayProx) {
+    // prox_{τH_δ}(y) = y/(1+τ) if |y| ≤ (1+τ)δ else y − τδ·sign(y), written in the equivalent
+    // branch-free form y − τ·clip(y/(1+τ), −δ, δ) (both zones agree with Eq. 13–14 exactly in real
+    // arithmetic; in floating point they differ from the two-branch form by about one ulp).
     const T y = theta - step;  // θ̃_t (Eq. 17)
-    return fd_abs(y) <= s.prox_threshold ? y * s.inv_one_plus_tau : y - fd_copysign(s.prox_shift, y);
+    const T q = y * s.inv_one_plus_tau;
+    const T clipped = q < -s.delta ? -s.delta : (q > s.delta ? s.delta : q);
+    return y - s.tau * clipped;
   } else {
     // clip written with comparisons so a NaN θ propagates (as torch.clamp does).
     const T clipped = theta < -s.delta ? -s.delta : (theta > s.delta ? s.delta : theta);

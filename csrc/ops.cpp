@@ -139,5 +139,5 @@ TORCH_LIBRARY_IMPL(fusedecay, Meta, m) { m.impl("adam_decay_", &fusedecay::adam_
 
 // Module init so `import fusedecay._C` works (the ops are registered by the static initialisers above).
 #include <Python.h>
-static struct PyModuleDef fusedecay_c_module = {PyModuleDef_HEAD_INIT, "_C", "fusedecay CPU kernels", -1, nullptr};
+static struct PyModuleDef fusedecay_c_module = {PyModuleDef_HEAD_INIT, "_C", "fusedecay CPU kernels", -1, nullptr, nullptr, nullptr, nullptr, nullptr};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fusedecay_c_module); }

@@ -34,66 +34,84 @@ namespace {
 // Lanes per inner block: 64 bytes of math values (one AVX-512 register, two AVX2, four SSE).
 template <typename T>
 constexpr int kLanes = 64 / static_cast<int>(sizeof(T));
-// Elements per level-0 sub-block: |θ| is accumulated per lane in T for at most kSub/kLanes
-// elements, then the sub-block sum joins the chunk's partial in double (keeps fp32 sums accurate).
+// Elements per sub-block: the update loop runs over one sub-block, then |θ| of it is summed per
+// lane in T (at most kSub/kLanes terms a lane) and joins the chunk's partial in double, which keeps
+// fp32 sums accurate. 1024 elements: the sub-block's θ is still in L1 when it is summed.
 constexpr int64_t kSub = 1024;
 
-template <typename P, typename M, typename T, int D>
-FD_ALWAYS_INLINE double update_chunk(P* __restrict p, const P* __restrict g, M* __restrict m, M* __restrict v,
-                                     int64_t n, const StepScalars<T>& s) {
+// Raw element type and conversions of a storage type (bf16 is walked as uint16_t so the compiler
+// sees plain integer loads/stores it can vectorise).
+template <typename S>
+struct Io {
+  using raw = S;
+  static FD_ALWAYS_INLINE S load(S x) { return x; }
+  template <typename T>
+  static FD_ALWAYS_INLINE S store(T x) { return static_cast<S>(x); }
+};
+template <>
+struct Io<BF16> {
+  using raw = uint16_t;
+  static FD_ALWAYS_INLINE float load(uint16_t x) { return bf16_bits_to_float(x); }
+  static FD_ALWAYS_INLINE uint16_t store(float x) { return float_to_bf16_bits(x); }
+};
+
+// Σ|θ| of n stored values: per-lane accumulators in T (a fixed, ISA-independent order), folded
+// lane 0..L-1 then the tail.
+template <typename P, typename T>
+FD_ALWAYS_INLINE T abs_sum_block(const typename Io<P>::raw* __restrict p, int64_t n) {
   constexpr int L = kLanes<T>;
+  T acc[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    for (int k = 0; k < L; ++k) acc[k] += fd_abs(static_cast<T>(Io<P>::load(p[i + k])));
+  }
+  T tail = T(0);
+  for (; i < n; ++i) tail += fd_abs(static_cast<T>(Io<P>::load(p[i])));
+  T sum = T(0);
+  for (int k = 0; k < L; ++k) sum += acc[k];
+  return sum + tail;
+}
+
+// One chunk: the update loop over a sub-block (streams θ, g, m, v from memory once), then Σ|θ_t|
+// of the sub-block just written (re-read from L1, no extra memory traffic). The sum is of the
+// stored, rounded θ_t, as the reference computes it.
+template <typename P, typename M, typename T, int D>
+FD_ALWAYS_INLINE double update_chunk(void* pv, const void* gv, void* mv, void* vv, int64_t n,
+                                     const StepScalars<T>& s) {
+  using PR = typename Io<P>::raw;
+  using MR = typename Io<M>::raw;
+  PR* __restrict p = static_cast<PR*>(pv);
+  const PR* __restrict g = static_cast<const PR*>(gv);
+  MR* __restrict m = static_cast<MR*>(mv);
+  MR* __restrict v = static_cast<MR*>(vv);
+  const StepScalars<T> sc = s;  // local copy: lets the compiler keep the scalars in registers
   double total = 0.0;
   for (int64_t base = 0; base < n; base += kSub) {
-    const int64_t end = std::min(base + kSub, n);
-    T acc[L] = {};
-    int64_t i = base;
-    for (; i + L <= end; i += L) {
-      for (int k = 0; k < L; ++k) {
-        T mm = widen(m[i + k]);
-        T vv = widen(v[i + k]);
-        const T th = adam_decay_element<D, T>(widen(p[i + k]), widen(g[i + k]), mm, vv, s);
-        const P stored = narrow<P>(th);
-        p[i + k] = stored;
-        m[i + k] = narrow<M>(mm);
-        v[i + k] = narrow<M>(vv);
-        acc[k] += fd_abs(static_cast<T>(widen(stored)));  // Σ|θ_t| of the stored (rounded) value
-      }
+    const int64_t len = std::min(kSub, n - base);
+    PR* __restrict pb = p + base;
+    const PR* __restrict gb = g + base;
+    MR* __restrict mb = m + base;
+    MR* __restrict vb = v + base;
+    for (int64_t i = 0; i < len; ++i) {
+      T mm = Io<M>::load(mb[i]);
+      T vv2 = Io<M>::load(vb[i]);
+      const T th = adam_decay_element<D, T>(Io<P>::load(pb[i]), Io<P>::load(gb[i]), mm, vv2, sc);
+      pb[i] = Io<P>::store(th);
+      mb[i] = Io<M>::store(mm);
+      vb[i] = Io<M>::store(vv2);
     }
-    T tail = T(0);
-    for (; i < end; ++i) {
-      T mm = widen(m[i]);
-      T vv = widen(v[i]);
-      const T th = adam_decay_element<D, T>(widen(p[i]), widen(g[i]), mm, vv, s);
-      const P stored = narrow<P>(th);
-      p[i] = stored;
-      m[i] = narrow<M>(mm);
-      v[i] = narrow<M>(vv);
-      tail += fd_abs(static_cast<T>(widen(stored)));
-    }
-    T sub = T(0);
-    for (int k = 0; k < L; ++k) sub += acc[k];
-    total += static_cast<double>(sub + tail);
+    total += static_cast<double>(abs_sum_block<P, T>(pb, len));
   }
   return total;
 }
 
 // found_inf set: nothing is written; the sum is of the unchanged θ.
 template <typename P, typename T>
-FD_ALWAYS_INLINE double abs_sum_chunk(const P* __restrict p, int64_t n) {
-  constexpr int L = kLanes<T>;
+FD_ALWAYS_INLINE double abs_sum_chunk(const void* pv, int64_t n) {
+  const typename Io<P>::raw* p = static_cast<const typename Io<P>::raw*>(pv);
   double total = 0.0;
   for (int64_t base = 0; base < n; base += kSub) {
-    const int64_t end = std::min(base + kSub, n);
-    T acc[L] = {};
-    int64_t i = base;
-    for (; i + L <= end; i += L) {
-      for (int k = 0; k < L; ++k) acc[k] += fd_abs(static_cast<T>(widen(p[i + k])));
-    }
-    T tail = T(0);
-    for (; i < end; ++i) tail += fd_abs(static_cast<T>(widen(p[i])));
-    T sub = T(0);
-    for (int k = 0; k < L; ++k) sub += acc[k];
-    total += static_cast<double>(sub + tail);
+    total += static_cast<double>(abs_sum_block<P, T>(p + base, std::min(kSub, n - base)));
   }
   return total;
 }
@@ -104,8 +122,7 @@ using UpdateFn = double (*)(void*, const void*, void*, void*, int64_t, const Ste
 // Non-template entry points (target_clones needs plain functions); one per (P, M, decay).
 #define FD_DEFINE_UPDATE(NAME, P, M, T, D)                                                                  \
   FD_CPU_CLONES double NAME(void* p, const void* g, void* m, void* v, int64_t n, const StepScalars<T>& s) { \
-    return update_chunk<P, M, T, D>(static_cast<P*>(p), static_cast<const P*>(g), static_cast<M*>(m),       \
-                                    static_cast<M*>(v), n, s);                                              \
+    return update_chunk<P, M, T, D>(p, g, m, v, n, s);                                                     \
   }
 #define FD_DEFINE_UPDATE_3(NAME, P, M, T)          \
   FD_DEFINE_UPDATE(NAME##_l2, P, M, T, kDecayL2)     \
@@ -118,9 +135,9 @@ FD_DEFINE_UPDATE_3(upd_bf16_f32, BF16, float, float)
 FD_DEFINE_UPDATE_3(upd_bf16_bf16, BF16, BF16, float)
 FD_DEFINE_UPDATE_3(upd_f64_f64, double, double, double)
 
-FD_CPU_CLONES double abs_f32(const void* p, int64_t n) { return abs_sum_chunk<float, float>(static_cast<const float*>(p), n); }
-FD_CPU_CLONES double abs_bf16(const void* p, int64_t n) { return abs_sum_chunk<BF16, float>(static_cast<const BF16*>(p), n); }
-FD_CPU_CLONES double abs_f64(const void* p, int64_t n) { return abs_sum_chunk<double, double>(static_cast<const double*>(p), n); }
+FD_CPU_CLONES double abs_f32(const void* p, int64_t n) { return abs_sum_chunk<float, float>(p, n); }
+FD_CPU_CLONES double abs_bf16(const void* p, int64_t n) { return abs_sum_chunk<BF16, float>(p, n); }
+FD_CPU_CLONES double abs_f64(const void* p, int64_t n) { return abs_sum_chunk<double, double>(p, n); }
 
 template <typename T>
 struct Kernels;
