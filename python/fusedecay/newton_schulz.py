@@ -82,6 +82,26 @@ def _chain_fused(x: Tensor, coeffs, symmetric: bool) -> Tensor:
     return x
 
 
+def use_symmetric_kernel(x: Tensor, symmetric_min_rows: Optional[int]) -> bool:
+    """Whether the fused chain on stack ``x`` (n, rows, cols) runs its symmetric products on Triton."""
+    return (symmetric_min_rows is not None and x.device.type == "cuda" and x.size(-2) >= symmetric_min_rows
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
+def newton_schulz_stack(x: Tensor, steps: int = 5, ns: str = "classic", *,
+                        symmetric_min_rows: Optional[int] = None) -> Tensor:
+    """Fused-mode NS of a wide-oriented stack ``x`` (n, rows ≤ cols), computed in x's dtype.
+
+    Normalises each slice by its Frobenius norm (×1.01 for Polar Express) and runs the fused chain.
+    """
+    if x.ndim != 3 or x.size(-2) > x.size(-1):
+        raise ValueError(f"newton_schulz_stack needs a wide (n, rows <= cols) stack, got shape {tuple(x.shape)}")
+    coeffs = ns_coefficients(ns, steps)
+    scale = 1.01 if ns == "polar_express" else 1.0
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) * scale + NS_EPS)
+    return _chain_fused(x, coeffs, use_symmetric_kernel(x, symmetric_min_rows))
+
+
 def newton_schulz_batched(mats: Sequence[Tensor], steps: int = 5, ns: str = "classic",
                           dtype: Optional[torch.dtype] = None, *, exact: Optional[bool] = None,
                           symmetric_min_rows: Optional[int] = None) -> List[Tensor]:
@@ -120,10 +140,7 @@ def newton_schulz_batched(mats: Sequence[Tensor], steps: int = 5, ns: str = "cla
             for k, i in enumerate(idx):
                 m = mats[i]
                 x[k].copy_(m.mT if m.size(0) > m.size(1) else m)   # orient wide + cast in one copy
-            x = x / (torch.linalg.matrix_norm(x, keepdim=True) * scale + NS_EPS)
-            sym = (symmetric_min_rows is not None and device.type == "cuda" and rows >= symmetric_min_rows
-                   and dt in (torch.float32, torch.bfloat16, torch.float16))
-            x = _chain_fused(x, coeffs, sym)
+            x = newton_schulz_stack(x, steps, ns, symmetric_min_rows=symmetric_min_rows)
             for k, i in enumerate(idx):
                 m = mats[i]
                 out[i] = (x[k].mT if m.size(0) > m.size(1) else x[k]).to(in_dtype)
