@@ -62,12 +62,14 @@ def _symmetric_matmul_kernel(x_ptr, y_ptr, c_ptr, M, K,
     tl.store(c_base + rm[:, None] * scm + rn[None, :] * scn, out, mask=lower)
     tl.store(c_base + rn[None, :] * scm + rm[:, None] * scn, out, mask=lower)
 
-def _config(M: int, K: int, device: torch.device):
+def _config(M: int, dtype: torch.dtype, device: torch.device):
+    """(BLOCK, BLOCK_K, num_warps, num_stages). Untuned on GPU: bench/bench_newton_schulz.py measures it."""
     if device.type != "cuda":          # interpreter: small tiles keep numpy work small
         return 32, 32, 1, 1
+    stages = 2 if dtype == torch.float32 else 3   # fp32 tiles are twice the shared memory
     if M >= 1024:
-        return 128, 64, 8, 3
-    return 64, 64, 4, 3
+        return 128, 64, 8, stages
+    return 64, 64, 4, stages
 
 
 def symmetric_matmul(x: Tensor, alpha: float = 1.0, beta: float = 0.0, add: Optional[Tensor] = None,
@@ -95,7 +97,7 @@ def symmetric_matmul(x: Tensor, alpha: float = 1.0, beta: float = 0.0, add: Opti
             raise ValueError(f"symmetric_matmul: out must be {x.dtype} of shape {(n, M, M)}")
     if n == 0 or M == 0:
         return out3.squeeze(0) if squeeze else out3
-    block, block_k, warps, stages = _config(M, K, x.device)
+    block, block_k, warps, stages = _config(M, x.dtype, x.device)
     tiles = triton.cdiv(M, block)
     grid = (tiles * (tiles + 1) // 2, n)
     _symmetric_matmul_kernel[grid](
