@@ -93,7 +93,10 @@ def newton_schulz_stack(x: Tensor, steps: int = 5, ns: str = "classic", *,
     """Fused-mode NS of a wide-oriented stack ``x`` (n, rows ≤ cols), computed in x's dtype.
 
     Normalises each slice by its Frobenius norm (×1.01 for Polar Express) and runs the fused chain.
+    ``symmetric_min_rows``: default :data:`SYMMETRIC_MIN_ROWS`.
     """
+    if symmetric_min_rows is None:
+        symmetric_min_rows = SYMMETRIC_MIN_ROWS
     if x.ndim != 3 or x.size(-2) > x.size(-1):
         raise ValueError(f"newton_schulz_stack needs a wide (n, rows <= cols) stack, got shape {tuple(x.shape)}")
     coeffs = ns_coefficients(ns, steps)
