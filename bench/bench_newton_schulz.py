@@ -131,12 +131,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu-small", action="store_true", help="scaled-down sizes (default on a machine without CUDA)")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--ns", default="classic", choices=["classic", "polar_express"])
     ap.add_argument("--reps", type=int, default=7, help="CPU repetitions (median)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/newton_schulz_<device>.json)")
     args = ap.parse_args()
     device = pick_device(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     small = args.cpu_small or device.type != "cuda"
     env = environment(device)
     peak_n = 4096 if device.type == "cuda" else 1024

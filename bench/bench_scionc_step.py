@@ -85,11 +85,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu-small", action="store_true", help="d=192, vocab 8192, ctx 256 (default without CUDA)")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--reps", type=int, default=7, help="CPU repetitions (median)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/scionc_step_<device>.json)")
     args = ap.parse_args()
     device = pick_device(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     small = args.cpu_small or device.type != "cuda"
     d, vocab, ctx = (192, 8192, 256) if small else (768, 50257, 1024)
     set_name = f"gpt2-124m{'/4 (d=192, vocab 8192)' if small else ''} ({args.layers} layers)"
