@@ -45,14 +45,16 @@ _REGISTRY: Dict[str, Backend] = {
 
 # Fastest first. The order is documented in the README ("Backends").
 AUTO_ORDER: Dict[str, List[str]] = {
-    "cuda": ["cuda", "triton", "reference"],
+    "cuda": ["cuda", "triton", "batched", "reference"],
+    # "batched" is not in the CPU order: on CPU a batched matmul is a loop of matmuls, and the batched
+    # ScionC step measured slower than the per-tensor loop (bench/results/scionc_step_cpu.json).
     "cpu": ["cpu", "reference"],
 }
 
-BACKEND_NAMES = ("auto", "reference", "cpu", "cuda", "triton")
+BACKEND_NAMES = ("auto", "reference", "cpu", "cuda", "triton", "batched")
 
 # Modules that register more backends when they import successfully.
-_PLUGIN_MODULES = ("fusedecay._cpp_backend", "fusedecay._triton_backend")
+_PLUGIN_MODULES = ("fusedecay._cpp_backend", "fusedecay._triton_backend", "fusedecay._scion_fast")
 _plugins_loaded = False
 _plugin_errors: Dict[str, str] = {}
 _warned: set = set()

@@ -145,6 +145,7 @@ def scionc(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Ten
     ``backend="reference"`` loops :func:`fusedecay.reference.scionc_step`. Other backends run the same
     math on lists: a foreach momentum update, directions from ``lmo_fn`` (default: the backend's
     batched ``scion_directions`` if it has one, else the per-tensor reference), and a foreach update.
+    A backend with a ``scionc`` op (e.g. "batched") runs the whole group step itself.
     """
     if not params:
         return
@@ -161,6 +162,12 @@ def scionc(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Ten
         except RuntimeError:
             if backend != "auto":
                 raise
+        step_fn = b.op("scionc") if b is not None else None
+        if step_fn is not None:   # the backend runs the whole group step (e.g. fused element-wise passes)
+            step_fn(params, grads, momentum_buffers, lr=lr, momentum=momentum, lmo=lmo, radius=radius,
+                    norm_target=norm_target, corrected=corrected, weight_decay=weight_decay, ns_steps=ns_steps,
+                    ns=ns, ns_dtype=ns_dtype, nesterov=nesterov, maximize=maximize)
+            return
         lmo_fn = (b.op("scion_directions") if b is not None else None) or scion_directions_reference
     g = [x.neg() if maximize else x for x in grads]
     # m_t = (1 − α) m_{t−1} + α g_t
