@@ -27,9 +27,6 @@ class _AdamDecayBase(Optimizer):
     def __init__(self, params, defaults: Dict[str, Any]):
         self._check_group(defaults)
         super().__init__(params, defaults)
-        # Hook for fusedecay.distributed: reduces the per-tensor Σ|θ| across shards before μ's update.
-        self._abs_sum_reduce = None
-        self._global_numel = None
 
     # -- param groups ----------------------------------------------------------------------------
     def _check_group(self, g: Dict[str, Any]) -> None:
@@ -123,9 +120,7 @@ class _AdamDecayBase(Optimizer):
                        delta=group.get("delta"), delta_scale=group.get("delta_scale", 1.0),
                        delta_beta=group.get("delta_beta", 0.0), max_lr=self._max_lr(group),
                        bias_correction=group["bias_correction"], maximize=group["maximize"],
-                       backend=group["backend"], grad_scale=grad_scale, found_inf=found_inf,
-                       numels=[self._global_numel(p) for p in params] if self._global_numel else None,
-                       abs_sum_reduce=self._abs_sum_reduce)
+                       backend=group["backend"], grad_scale=grad_scale, found_inf=found_inf)
         return loss
 
     # -- checkpoints -----------------------------------------------------------------------------

@@ -48,8 +48,6 @@ class ScionC(Optimizer):
                         nesterov=nesterov, maximize=maximize, backend=backend)
         self._check_group(defaults, [])
         super().__init__(params, defaults)
-        # Hook for fusedecay.distributed: computes LMO directions for (possibly sharded) buffers.
-        self._lmo_fn = None
         # Set by fusedecay.distributed.split_lmo_work: the group replicated (DDP) params share NS work over.
         self._lmo_process_group = None
 
@@ -126,5 +124,5 @@ class ScionC(Optimizer):
                    radius=group["radius"], norm_target=group["norm_target"], corrected=group["corrected"],
                    weight_decay=group["weight_decay"], ns_steps=group["ns_steps"], ns=group["ns"],
                    ns_dtype=self._ns_dtype(group, params[0]), nesterov=group["nesterov"],
-                   maximize=group["maximize"], backend=group["backend"], lmo_fn=self._lmo_fn)
+                   maximize=group["maximize"], backend=group["backend"])
         return loss
