@@ -48,6 +48,9 @@ class ScionC(Optimizer):
                         nesterov=nesterov, maximize=maximize, backend=backend)
         self._check_group(defaults, [])
         super().__init__(params, defaults)
+        # Optional override of how LMO directions are computed (fn(inputs, lmo=, ns_steps=, ns=, ns_dtype=) -> list);
+        # the distributed path calls it on whole matrices on their owner rank. None: the backend's own.
+        self._lmo_fn = None
         # Set by fusedecay.distributed.split_lmo_work: the group replicated (DDP) params share NS work over.
         self._lmo_process_group = None
 
@@ -124,5 +127,5 @@ class ScionC(Optimizer):
                    radius=group["radius"], norm_target=group["norm_target"], corrected=group["corrected"],
                    weight_decay=group["weight_decay"], ns_steps=group["ns_steps"], ns=group["ns"],
                    ns_dtype=self._ns_dtype(group, params[0]), nesterov=group["nesterov"],
-                   maximize=group["maximize"], backend=group["backend"])
+                   maximize=group["maximize"], backend=group["backend"], lmo_fn=self._lmo_fn)
         return loss
