@@ -8,9 +8,9 @@ import torch
 from fusedecay.demo import main
 from fusedecay.demo.corpus import list_sources, load_corpus, split_files
 from fusedecay.demo.model import GPT, GPTConfig
-from fusedecay.demo.optimizers import OPTIMIZERS
+from fusedecay.demo.optimizers import OPTIMIZERS, Hyper, build_optimizer, lr_lambda
 from fusedecay.demo.prune import hidden_matrices, prune_, pruned_losses
-from fusedecay.demo.summary import first_crossing, grad_norm_rise
+from fusedecay.demo.summary import _better, first_crossing, grad_norm_rise
 from fusedecay.demo.train import evaluate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -58,7 +58,7 @@ def test_end_to_end_outputs(full_run):
         assert r["weights"]["hist_counts"] and sum(r["weights"]["hist_counts"]) > 0
     assert m["corpus"]["train_files"] == 23 and m["corpus"]["val_files"] == 1   # site-packages skipped
     verdicts = {c["verdict"] for c in m["claims"]}
-    assert verdicts <= {"agrees", "partly", "disagrees", "inconclusive", "not tested"}
+    assert verdicts <= {"agrees", "partly", "tie", "disagrees", "inconclusive", "not tested"}
     assert len(m["claims"]) >= 8
     for fname in m["figures"].values():
         data = (out / fname).read_bytes()
@@ -74,11 +74,37 @@ def test_optimizers_actually_train(full_run):
 
 
 def test_same_seed_gives_identical_losses(tmp_path, corpus_dir, full_run):
-    _, again = _run(tmp_path, corpus_dir, "again", "adamw,scionc")
+    _, again = _run(tmp_path, corpus_dir, "again", "adamw,scionc,scion")
     _, first = full_run
     for name in ("adamw", "scionc"):
         assert again["runs"][name]["train_loss"] == first["runs"][name]["train_loss"]
         assert again["runs"][name]["val_loss"] == first["runs"][name]["val_loss"]
+    # the optional uncorrected baseline trains differently and turns the ScionC-vs-Scion claim on
+    assert again["runs"]["scion"]["train_loss"] != again["runs"]["scionc"]["train_loss"]
+    row = [c for c in again["claims"] if "uncorrected Scion" in c["claim"]]
+    assert len(row) == 1 and row[0]["verdict"] != "not tested"
+
+
+def test_optimizer_groups_follow_the_papers_layer_rules():
+    model = _tiny_model()
+    hp = Hyper()
+    adamc = build_optimizer("adamc", model, hp)
+    out = [g for g in adamc.param_groups if any(p is model.wte.weight for p in g["params"])]
+    assert len(out) == 1 and out[0]["corrected"] is False and out[0]["weight_decay"] == hp.weight_decay
+    hidden = [g for g in adamc.param_groups if any(p is model.blocks[0].attn.qkv.weight for p in g["params"])]
+    assert hidden[0]["corrected"] is True
+    scionc = build_optimizer("scionc", model, hp)
+    kinds = {g["lmo"]: g for g in scionc.param_groups}
+    assert kinds["spectral"]["corrected"] and kinds["spectral"]["norm_target"] == 1.1875
+    assert not kinds["sign"]["corrected"] and kinds["sign"]["radius"] > kinds["spectral"]["radius"]
+    assert any(p is model.wte.weight for p in kinds["sign"]["params"])
+    assert all(p.ndim == 1 for p in kinds["bias"]["params"]) and kinds["bias"]["weight_decay"] == 0
+    assert scionc.defaults["momentum"] == 0.1
+    hd = build_optimizer("adamhd", model, hp)
+    assert hd.defaults["delta_mode"] == "ema" and hd.defaults["update"] == "prox"
+    assert [g["weight_decay"] for g in hd.param_groups] == [hp.weight_decay, 0.0]
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        build_optimizer("sgd", model, hp)
 
 
 def test_empty_corpus_dir_fails_clearly(tmp_path):
@@ -141,3 +167,13 @@ def test_claim_measures():
     assert grad_norm_rise(flat, 0.1) == pytest.approx(1.0)
     rising = [1.0] * 90 + [2.0] * 10
     assert grad_norm_rise(rising, 0.1) == pytest.approx(2.0)
+    assert [_better(0.001), _better(0.05), _better(0.05, True), _better(-0.05)] == \
+        ["tie", "partly", "agrees", "disagrees"]
+
+
+def test_schedule_is_warmup_then_cosine_to_zero():
+    f = lr_lambda(100, 0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5)
+    vals = [f(t) for t in range(10, 100)]
+    assert all(a >= b for a, b in zip(vals, vals[1:])) and 0 < vals[-1] < 1e-3

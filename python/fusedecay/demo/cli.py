@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
@@ -18,7 +17,7 @@ from .. import backends as _backends
 from . import plots
 from .corpus import load_corpus, val_batches
 from .model import SIZES, GPTConfig, param_roles
-from .optimizers import LABELS, OPTIMIZERS, Hyper, describe
+from .optimizers import EXTRA_OPTIMIZERS, OPTIMIZERS, Hyper, describe
 from .prune import prunable_share, pruned_losses, weight_stats
 from .summary import claims, markdown, per_run_numbers
 from .train import evaluate, train_one
@@ -52,9 +51,10 @@ def _floats(s: str) -> List[float]:
 
 def _optimizers(s: str) -> List[str]:
     names = [x.strip().lower() for x in s.split(",") if x.strip()]
-    bad = [n for n in names if n not in OPTIMIZERS]
+    known = OPTIMIZERS + EXTRA_OPTIMIZERS
+    bad = [n for n in names if n not in known]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown optimizer(s) {bad or s!r}; choose from {','.join(OPTIMIZERS)}")
+        raise argparse.ArgumentTypeError(f"unknown optimizer(s) {bad or s!r}; choose from {','.join(known)}")
     return list(dict.fromkeys(names))
 
 
@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="sequences per step (default: per size)")
     p.add_argument("--seq-len", type=int, help="bytes per sequence (default: per size)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--optimizers", type=_optimizers, default=list(OPTIMIZERS), help="comma-separated subset")
+    p.add_argument("--optimizers", type=_optimizers, default=list(OPTIMIZERS),
+                   help="comma-separated; 'scion' (the uncorrected baseline) may be added")
     p.add_argument("--out", type=Path, default=Path("fusedecay_demo_out"), help="output folder")
     p.add_argument("--seed", type=int, default=0, help="model init and batch order (same for every optimizer)")
     p.add_argument("--corpus-dir", type=Path, help="folder of *.py files (default: this Python's stdlib)")
@@ -151,7 +152,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ev = lambda m: evaluate(m, val_set)  # noqa: E731
         hist["pruning"] = pruned_losses(model, ev, a.layer_sparsities, ("layer",))
         hist["pruning"].update(pruned_losses(model, ev, a.global_sparsities, ("global",)))
-        if name == "scionc":
+        if name in ("scionc", "scion"):
             hist["norm_target_ratio"] = scion_target_ratio(model, hp.scion_norm_target)
         runs[name] = hist
 
@@ -164,7 +165,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              f"{a.batch_size} × {a.seq_len} bytes = {tokens / 1e6:.2f}M train bytes per optimizer; corpus "
              f"{corpus.n_train_files}+{corpus.n_val_files} stdlib files ({corpus.train.numel() / 1e6:.1f}/"
              f"{corpus.val.numel() / 1e6:.1f} MB train/val), seed {a.seed}, device {a.device}, torch "
-             f"{torch.__version__}, fusedecay {__version__} (backend auto → {backend_names(device)}).")
+             f"{torch.__version__} ({torch.get_num_threads()} CPU threads), fusedecay {__version__} "
+             f"(backend auto → {backend_names(device)}).")
     meta = {"title": f"{a.size if (cfg.n_layer, cfg.n_head, cfg.n_embd) == SIZES[a.size] else 'custom'} GPT, "
                      f"{a.steps} steps", "setup": setup, "caveat": CAVEAT}
     md = markdown(meta, nums, rows, runs)
@@ -176,7 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   "vocab_size": cfg.vocab_size, "n_params": n_params, "prunable_share": share, "tied_head": True},
         "hyperparameters": hp.to_dict(), "corpus": corpus.describe(),
         "env": {"torch": torch.__version__, "python": platform.python_version(), "fusedecay": __version__,
-                "device": str(device), "backends": backend_names(device)},
+                "device": str(device), "backends": backend_names(device), "cpu_threads": torch.get_num_threads()},
         "runs": runs, "numbers": nums, "claims": rows, "figures": figures,
         "total_wall_time_s": time.perf_counter() - t_start,
     }

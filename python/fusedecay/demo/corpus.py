@@ -30,8 +30,9 @@ def list_sources(root: Path) -> List[Path]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"corpus folder {str(root)!r} does not exist or is not a folder")
-    files = sorted((p for p in root.rglob("*.py") if p.is_file() and not SKIP_DIRS.intersection(p.relative_to(root).parts)),
-                   key=lambda p: p.relative_to(root).as_posix())
+    rel = lambda p: p.relative_to(root)  # noqa: E731
+    files = sorted((p for p in root.rglob("*.py") if p.is_file() and not SKIP_DIRS.intersection(rel(p).parts)),
+                   key=lambda p: rel(p).as_posix())
     if not files:
         raise FileNotFoundError(f"no *.py files found under corpus folder {str(root)!r} "
                                 "(pass --corpus-dir pointing at a folder of Python sources)")

@@ -26,7 +26,10 @@ from .. import AdamC, AdamHD, ScionC
 from .model import GPT, param_roles
 
 OPTIMIZERS = ("adamw", "adamhd", "adamc", "scionc")
-LABELS = {"adamw": "AdamW (torch)", "adamhd": "AdamHD", "adamc": "AdamC", "scionc": "ScionC"}
+# Optional baseline (not in the default set): Scion with plain decay η = γλ everywhere, i.e. ScionC
+# without the correction, for the "ScionC vs Scion" claim.
+EXTRA_OPTIMIZERS = ("scion",)
+LABELS = {"adamw": "AdamW (torch)", "adamhd": "AdamHD", "adamc": "AdamC", "scionc": "ScionC", "scion": "Scion"}
 
 
 @dataclass
@@ -47,6 +50,7 @@ class Hyper:
     scion_sign_radius: float = 3000.0
     scion_norm_target: float = 1.1875   # C², the author's ViT starting value
     scion_sign_decay: float = 1.0  # λ of the uncorrected sign layers: η = γ·λ = γ (Scion's constrained decay)
+    scion_plain_decay: float = 1.0  # λ of the optional uncorrected "scion" baseline on its hidden matrices
     warmup_frac: float = 0.1       # linear warmup share of the steps, then cosine to 0
 
     def to_dict(self) -> dict:
@@ -89,16 +93,33 @@ def build_optimizer(name: str, model: GPT, hp: Hyper) -> torch.optim.Optimizer:
                        "corrected": True},
                       {"params": _params(r["output"]), "weight_decay": hp.weight_decay, "corrected": False},
                       {"params": gains, "weight_decay": 0.0, "corrected": False}], backend="auto", **adam)
-    if name == "scionc":
+    if name in ("scionc", "scion"):
+        hidden = ({"corrected": True, "norm_target": hp.scion_norm_target} if name == "scionc"
+                  else {"corrected": False, "weight_decay": hp.scion_plain_decay})
         return ScionC([
-            {"params": _params(r["hidden"]), "lmo": "spectral", "radius": hp.scion_hidden_radius,
-             "corrected": True, "norm_target": hp.scion_norm_target},
+            {"params": _params(r["hidden"]), "lmo": "spectral", "radius": hp.scion_hidden_radius, **hidden},
             {"params": _params(r["embedding"]) + _params(r["output"]), "lmo": "sign",
              "radius": hp.scion_sign_radius, "corrected": False, "weight_decay": hp.scion_sign_decay},
             {"params": gains, "lmo": "bias", "radius": hp.scion_hidden_radius, "corrected": False,
              "weight_decay": 0.0},
         ], lr=hp.scion_lr, momentum=hp.scion_momentum, backend="auto")
-    raise ValueError(f"unknown optimizer {name!r}; expected a comma-separated subset of {','.join(OPTIMIZERS)}")
+    raise ValueError(f"unknown optimizer {name!r}; expected one of {','.join(OPTIMIZERS + EXTRA_OPTIMIZERS)}")
+
+
+def hidden_decay(name: str, hp: Hyper, lr_mult: float) -> float:
+    """η_t applied to the block matrices at a step with lr multiplier ``lr_mult`` (θ ← (1 − η_t)θ − …).
+    For AdamHD it is the coefficient of the quadratic (|θ| ≤ δ) regime, an upper bound on its shrinkage."""
+    if name in ("adamw", "adamhd"):
+        return hp.adam_lr * lr_mult * hp.weight_decay
+    if name == "adamc":
+        return hp.adam_lr * lr_mult * hp.weight_decay * lr_mult        # λ_t = λ·γ_t/γ_max
+    s = hp.scion_lr * lr_mult * hp.scion_hidden_radius
+    if name == "scionc":
+        a = hp.scion_momentum
+        return s * s * (2 - a) / (2 * a * hp.scion_norm_target)
+    if name == "scion":
+        return hp.scion_lr * lr_mult * hp.scion_plain_decay
+    raise ValueError(name)
 
 
 def describe(name: str, hp: Hyper) -> Dict[str, object]:
@@ -113,9 +134,11 @@ def describe(name: str, hp: Hyper) -> Dict[str, object]:
         if name == "adamc":
             d.update(corrected="hidden + position embedding", uncorrected="tied output head")
         return {**d, **common}
-    if name == "scionc":
+    if name in ("scionc", "scion"):
+        hidden = (f"corrected, C²={hp.scion_norm_target:g}" if name == "scionc"
+                  else f"uncorrected, λ={hp.scion_plain_decay:g}")
         return {"lr": hp.scion_lr, "momentum": hp.scion_momentum, "hidden": f"spectral, radius "
-                f"{hp.scion_hidden_radius:g}, corrected, C²={hp.scion_norm_target:g}",
+                f"{hp.scion_hidden_radius:g}, {hidden}",
                 "embeddings/head": f"sign, radius {hp.scion_sign_radius:g}, uncorrected, λ={hp.scion_sign_decay:g}",
                 "gains": f"bias, radius {hp.scion_hidden_radius:g}, no decay", **common}
     raise ValueError(name)

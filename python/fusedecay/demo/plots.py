@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .optimizers import LABELS  # noqa: E402
 
-COLORS = {"adamw": "tab:blue", "adamhd": "tab:orange", "adamc": "tab:green", "scionc": "tab:red"}
+COLORS = {"adamw": "tab:blue", "adamhd": "tab:orange", "adamc": "tab:green", "scionc": "tab:red", "scion": "tab:purple"}
 
 
 def _ema(xs: List[float], beta: float = 0.9) -> List[float]:
@@ -42,7 +42,7 @@ def curves(runs: Dict[str, Dict], path: Path) -> None:
         ax[0, 1].set_ylim(min(tail) - 0.05, max(tail) + 0.05)
     ax[0, 0].set_ylim(top=max(max(r["val_loss"][1:] or r["val_loss"]) for r in runs.values()) + 0.5)
     ax[1, 0].set(title="total gradient norm (before the step)", xlabel="step", yscale="log")
-    ax[1, 1].set(title="wall time per step: forward+backward+optimizer (median opt step in legend)",
+    ax[1, 1].set(title="wall time per step (fwd+bwd+optimizer; legend: median optimizer step)",
                  xlabel="step", ylabel="ms", yscale="log")
     for a in ax.flat:
         a.grid(alpha=0.3)
@@ -55,7 +55,8 @@ def curves(runs: Dict[str, Dict], path: Path) -> None:
 def norms(runs: Dict[str, Dict], path: Path) -> None:
     """Per-layer weight norms (top row) and gradient norms (bottom row), one column per optimizer."""
     names = list(runs)
-    fig, ax = plt.subplots(2, len(names), figsize=(4.2 * len(names), 7), squeeze=False)
+    fig, ax = plt.subplots(2, len(names), figsize=(4.2 * len(names), 7), squeeze=False,
+                           sharey="row")
     for j, name in enumerate(names):
         r = runs[name]
         layers = r["layers"]

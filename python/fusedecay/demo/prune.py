@@ -10,7 +10,7 @@ Weights are restored after each evaluation.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 import torch
 from torch import Tensor

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .corpus import train_batches
 from .model import GPT, GPTConfig, param_roles
-from .optimizers import LABELS, Hyper, build_optimizer, lr_lambda
+from .optimizers import LABELS, Hyper, build_optimizer, hidden_decay, lr_lambda
 
 
 def autocast(device: torch.device):
@@ -58,7 +58,8 @@ def train_one(name: str, cfg: GPTConfig, hp: Hyper, train_data: Tensor, val_set:
     tensors = [p for _, p in tracked]
     all_params = list(model.parameters())
 
-    hist: Dict = {"train_loss": [], "lr_mult": [], "step_time_s": [], "opt_time_s": [], "grad_norm_total": [],
+    hist: Dict = {"train_loss": [], "lr_mult": [], "hidden_decay": [], "step_time_s": [], "opt_time_s": [],
+                  "grad_norm_total": [],
                   "val_step": [0], "val_loss": [evaluate(model, val_set)], "layers": names,
                   "weight_norm": {n: [] for n in names}, "grad_norm": {n: [] for n in names}}
     batches = train_batches(train_data, batch_size, seq_len, seed)
@@ -89,6 +90,7 @@ def train_one(name: str, cfg: GPTConfig, hp: Hyper, train_data: Tensor, val_set:
         loss_v = loss.item()
         hist["train_loss"].append(loss_v)
         hist["lr_mult"].append(lr_mult)
+        hist["hidden_decay"].append(hidden_decay(name, hp, lr_mult))
         hist["step_time_s"].append((t1 - t0) + (t3 - t2))
         hist["opt_time_s"].append(t3 - t2)
         hist["grad_norm_total"].append(g_total.item())
