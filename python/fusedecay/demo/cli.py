@@ -165,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              f"{a.batch_size} × {a.seq_len} bytes = {tokens / 1e6:.2f}M train bytes per optimizer; corpus "
              f"{corpus.n_train_files}+{corpus.n_val_files} stdlib files ({corpus.train.numel() / 1e6:.1f}/"
              f"{corpus.val.numel() / 1e6:.1f} MB train/val), seed {a.seed}, device {a.device}, torch "
-             f"{torch.__version__} ({torch.get_num_threads()} CPU threads), fusedecay {__version__} "
+             f"{torch.__version__} (CPU threads: {torch.get_num_threads()}), fusedecay {__version__} "
              f"(backend auto → {backend_names(device)}).")
     meta = {"title": f"{a.size if (cfg.n_layer, cfg.n_head, cfg.n_embd) == SIZES[a.size] else 'custom'} GPT, "
                      f"{a.steps} steps", "setup": setup, "caveat": CAVEAT}

@@ -14,6 +14,10 @@ from .optimizers import LABELS  # noqa: E402
 COLORS = {"adamw": "tab:blue", "adamhd": "tab:orange", "adamc": "tab:green", "scionc": "tab:red", "scion": "tab:purple"}
 
 
+def _median(xs: List[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
 def _ema(xs: List[float], beta: float = 0.9) -> List[float]:
     out, m = [], None
     for x in xs:
@@ -34,7 +38,7 @@ def curves(runs: Dict[str, Dict], path: Path) -> None:
         ax[1, 0].plot(steps, r["grad_norm_total"], color=c, alpha=0.2, lw=0.6)
         ax[1, 0].plot(steps, _ema(r["grad_norm_total"]), color=c, label=lab)
         ax[1, 1].plot(steps, [1e3 * t for t in r["step_time_s"]], color=c, lw=0.7,
-                      label=f"{lab} (opt step {1e3 * sorted(r['opt_time_s'])[len(r['opt_time_s']) // 2]:.1f} ms)")
+                      label=f"{lab} (median optimizer step {1e3 * _median(r['opt_time_s']):.1f} ms)")
     ax[0, 0].set(title="train loss (faint: per step, line: EMA 0.9)", xlabel="step", ylabel="nats/byte")
     ax[0, 1].set(title="validation loss", xlabel="step", ylabel="nats/byte")
     tail = [v for r in runs.values() for v in r["val_loss"][len(r["val_loss"]) // 3:]]
@@ -42,7 +46,7 @@ def curves(runs: Dict[str, Dict], path: Path) -> None:
         ax[0, 1].set_ylim(min(tail) - 0.05, max(tail) + 0.05)
     ax[0, 0].set_ylim(top=max(max(r["val_loss"][1:] or r["val_loss"]) for r in runs.values()) + 0.5)
     ax[1, 0].set(title="total gradient norm (before the step)", xlabel="step", yscale="log")
-    ax[1, 1].set(title="wall time per step (fwd+bwd+optimizer; legend: median optimizer step)",
+    ax[1, 1].set(title="wall time per step (forward + backward + optimizer)",
                  xlabel="step", ylabel="ms", yscale="log")
     for a in ax.flat:
         a.grid(alpha=0.3)
