@@ -177,3 +177,13 @@ def test_schedule_is_warmup_then_cosine_to_zero():
     assert f(55) == pytest.approx(0.5)
     vals = [f(t) for t in range(10, 100)]
     assert all(a >= b for a, b in zip(vals, vals[1:])) and 0 < vals[-1] < 1e-3
+
+
+def test_summary_table_rows_have_four_cells(full_run):
+    out, _ = full_run
+    text = (out / "summary.md").read_text()
+    table = text.split("## The seeds' claims in this run")[1].split("**Scale caveat")[0]
+    rows = [r for r in table.splitlines() if r.startswith("|")]
+    assert len(rows) >= 10
+    for r in rows:   # '|' inside a cell must be escaped, or the Markdown table breaks
+        assert len(r.replace("\\|", "").strip("|").split("|")) == 4, r

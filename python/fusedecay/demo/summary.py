@@ -195,7 +195,9 @@ def markdown(meta: Dict, nums: Dict[str, Dict], rows: List[Dict[str, str]], runs
         lines.append(f"| {LABELS[name]} | {r['final_val_loss']:.4f} | " + " | ".join(cells) + " |")
     lines += ["", "## The seeds' claims in this run", "",
               "| claim (seed) | measured as | numbers | this run |", "|---|---|---|---|"]
+    cell = lambda text: text.replace("|", "\\|")  # noqa: E731  (a literal | would end the table cell)
     for row in rows:
-        lines.append(f"| {row['claim']} ({row['seed']}) | {row['measure']} | {row['numbers']} | **{row['verdict']}** |")
+        lines.append(f"| {cell(row['claim'])} ({row['seed']}) | {cell(row['measure'])} | {cell(row['numbers'])} | "
+                     f"**{row['verdict']}** |")
     lines += ["", meta["caveat"], ""]
     return "\n".join(lines)
