@@ -53,6 +53,7 @@ setup(
     install_requires=["torch>=2.4"],
     extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark", "numpy"],
                     "demo": ["matplotlib", "tqdm"]},
+    entry_points={"console_scripts": ["fusedecay-demo=fusedecay.demo.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
