@@ -1,9 +1,45 @@
 """fusedecay build.
 
-Pure-Python install works everywhere; compiled backends are added by csrc/ (see README "Building").
-    pip install -e . --no-build-isolation
+Pure-Python install works everywhere; compiled backends come from csrc/ (see docs/kernels.md):
+
+    pip install -e . --no-build-isolation        # builds fusedecay._C (CPU) and, with CUDA torch + nvcc,
+                                                 # fusedecay._C_cuda, in place inside python/fusedecay/
+    python setup.py build_ext --inplace          # the same, without installing
+    FUSEDECAY_NO_EXT=1 pip install -e .          # pure Python (backend "auto" falls back to the reference)
+    FUSEDECAY_NO_CUDA=1 ...                      # skip only the CUDA extension
 """
+import glob
+import os
+
 from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _extensions():
+    if os.environ.get("FUSEDECAY_NO_EXT", "0") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:  # building without torch: pure-Python package
+        return [], {}
+    cxx = ["-O3", "-g0", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
+    csrc = "csrc"
+    exts = [CppExtension("fusedecay._C", sources=[f"{csrc}/ops.cpp", f"{csrc}/cpu/adam_decay_cpu.cpp"],
+                         include_dirs=[os.path.join(ROOT, csrc)], extra_compile_args=cxx,
+                         extra_link_args=["-fopenmp"])]
+    want_cuda = os.environ.get("FUSEDECAY_NO_CUDA", "0") != "1"
+    if want_cuda and torch.version.cuda is not None and CUDA_HOME is not None:
+        exts.append(CUDAExtension(
+            "fusedecay._C_cuda",
+            sources=[f"{csrc}/cuda/adam_decay_cuda_glue.cpp", f"{csrc}/cuda/adam_decay_cuda.cu"],
+            include_dirs=[os.path.join(ROOT, csrc)],
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]}))
+    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
 
 setup(
     name="fusedecay",
@@ -17,4 +53,7 @@ setup(
     install_requires=["torch>=2.4"],
     extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark", "numpy"],
                     "demo": ["matplotlib", "tqdm"]},
+    entry_points={"console_scripts": ["fusedecay-demo=fusedecay.demo.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

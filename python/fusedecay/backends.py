@@ -45,14 +45,16 @@ _REGISTRY: Dict[str, Backend] = {
 
 # Fastest first. The order is documented in the README ("Backends").
 AUTO_ORDER: Dict[str, List[str]] = {
-    "cuda": ["cuda", "triton", "reference"],
+    "cuda": ["cuda", "triton", "batched", "reference"],
+    # "batched" is not in the CPU order: on CPU a batched matmul is a loop of matmuls, and the batched
+    # ScionC step measured slower than the per-tensor loop (bench/results/scionc_step_cpu.json).
     "cpu": ["cpu", "reference"],
 }
 
-BACKEND_NAMES = ("auto", "reference", "cpu", "cuda", "triton")
+BACKEND_NAMES = ("auto", "reference", "cpu", "cuda", "triton", "batched")
 
 # Modules that register more backends when they import successfully.
-_PLUGIN_MODULES = ("fusedecay._cpp_backend", "fusedecay._triton_backend")
+_PLUGIN_MODULES = ("fusedecay._cpp_backend", "fusedecay._triton_backend", "fusedecay._scion_fast")
 _plugins_loaded = False
 _plugin_errors: Dict[str, str] = {}
 _warned: set = set()
@@ -98,7 +100,9 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype, op: str = "adam
         for cand in AUTO_ORDER.get(device.type, ["reference"]):
             b = _REGISTRY.get(cand)
             if b is not None and b.op(op) is not None and b.supports(device, dtype):
-                if cand == "reference" and device.type in AUTO_ORDER and len(AUTO_ORDER[device.type]) > 1:
+                # Say so when the Adam update falls back on a device that has a fused path. (ScionC's CPU path is
+                # the per-tensor one by design: see AUTO_ORDER.)
+                if cand == "reference" and op == "adam_decay" and device.type in AUTO_ORDER:
                     why = "; ".join(f"{k}: {v}" for k, v in _plugin_errors.items()) or "no fused backend registered"
                     _warn_once((device.type, dtype, op),
                                f"fusedecay: no fused {op} backend for {device.type}/{dtype}; using the eager "

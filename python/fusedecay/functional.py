@@ -96,10 +96,26 @@ def adam_decay(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
         torch._foreach_sub_(state_steps, [found_inf.to(state_steps[0].device, torch.float32)] * n)
 
 
+_NUMEL_CACHE: Dict[Tuple, Tensor] = {}
+
+
+@torch.compiler.disable
+def _numel_tensor(numels: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The bucket's sizes as a device tensor, built once per (sizes, dtype, device): steady-state steps copy
+    nothing host→device, so the μ update can be captured in a CUDA graph."""
+    key = (numels, dtype, device)
+    t = _NUMEL_CACHE.get(key)
+    if t is None:
+        if len(_NUMEL_CACHE) > 256:
+            _NUMEL_CACHE.clear()
+        t = _NUMEL_CACHE[key] = torch.tensor(numels, dtype=dtype).to(device)
+    return t
+
+
 def update_delta_mu(delta_mus: List[Tensor], abs_sums: Tensor, numels: Sequence[int], beta: float,
                     found_inf: Optional[Tensor] = None) -> None:
     """μ ← β·μ + (1 − β)·Σ|θ|/numel for a bucket, in a fixed order (AdamHD Eq. 8–9; Eq. 7 is β = 0)."""
-    denom = torch.tensor([max(int(k), 1) for k in numels], dtype=abs_sums.dtype).to(abs_sums.device, non_blocking=True)
+    denom = _numel_tensor(tuple(max(int(k), 1) for k in numels), abs_sums.dtype, abs_sums.device)
     means = abs_sums / denom
     old = torch.stack(delta_mus)
     new = old * beta + means * (1 - beta)
@@ -129,6 +145,7 @@ def scionc(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Ten
     ``backend="reference"`` loops :func:`fusedecay.reference.scionc_step`. Other backends run the same
     math on lists: a foreach momentum update, directions from ``lmo_fn`` (default: the backend's
     batched ``scion_directions`` if it has one, else the per-tensor reference), and a foreach update.
+    A backend with a ``scionc`` op (e.g. "batched") runs the whole group step itself.
     """
     if not params:
         return
@@ -145,6 +162,12 @@ def scionc(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Ten
         except RuntimeError:
             if backend != "auto":
                 raise
+        step_fn = b.op("scionc") if b is not None else None
+        if step_fn is not None:   # the backend runs the whole group step (e.g. fused element-wise passes)
+            step_fn(params, grads, momentum_buffers, lr=lr, momentum=momentum, lmo=lmo, radius=radius,
+                    norm_target=norm_target, corrected=corrected, weight_decay=weight_decay, ns_steps=ns_steps,
+                    ns=ns, ns_dtype=ns_dtype, nesterov=nesterov, maximize=maximize)
+            return
         lmo_fn = (b.op("scion_directions") if b is not None else None) or scion_directions_reference
     g = [x.neg() if maximize else x for x in grads]
     # m_t = (1 − α) m_{t−1} + α g_t

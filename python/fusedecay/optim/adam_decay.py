@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 
 from .. import _validate as V
 from .. import backends as _backends
+from .. import distributed as _dist
 from ..functional import DELTA_MODES, UPDATES, adam_decay, init_delta_mu
 
 
@@ -26,9 +27,6 @@ class _AdamDecayBase(Optimizer):
     def __init__(self, params, defaults: Dict[str, Any]):
         self._check_group(defaults)
         super().__init__(params, defaults)
-        # Hook for fusedecay.distributed: reduces the per-tensor Σ|θ| across shards before μ's update.
-        self._abs_sum_reduce = None
-        self._global_numel = None
 
     # -- param groups ----------------------------------------------------------------------------
     def _check_group(self, g: Dict[str, Any]) -> None:
@@ -97,8 +95,8 @@ class _AdamDecayBase(Optimizer):
                 mus.append(state["delta_mu"])
 
     def _initial_delta_mu(self, p: Tensor) -> Tensor:
-        """μ^(l)_0 = mean|θ_0| (overridden by fusedecay.distributed to use the global mean)."""
-        return init_delta_mu(p)
+        """μ^(l)_0 = mean|θ_0| (the global mean over all shards for a DTensor param)."""
+        return _dist.init_delta_mu(p) if _dist.is_dtensor(p) else init_delta_mu(p)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -114,15 +112,15 @@ class _AdamDecayBase(Optimizer):
             if not params:
                 continue
             beta1, beta2 = group["betas"]
-            adam_decay(params, grads, exp_avgs, exp_avg_sqs, steps, mus if mus else None, lr=group["lr"],
+            # DTensor params (FSDP2): local shards + one all-reduce of Σ|θ| (see fusedecay.distributed).
+            run = _dist.adam_decay if _dist.has_dtensor(params) else adam_decay
+            run(params, grads, exp_avgs, exp_avg_sqs, steps, mus if mus else None, lr=group["lr"],
                        beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                        decay=self._decay_of(group), delta_mode=group.get("delta_mode", "fixed"),
                        delta=group.get("delta"), delta_scale=group.get("delta_scale", 1.0),
                        delta_beta=group.get("delta_beta", 0.0), max_lr=self._max_lr(group),
                        bias_correction=group["bias_correction"], maximize=group["maximize"],
-                       backend=group["backend"], grad_scale=grad_scale, found_inf=found_inf,
-                       numels=[self._global_numel(p) for p in params] if self._global_numel else None,
-                       abs_sum_reduce=self._abs_sum_reduce)
+                       backend=group["backend"], grad_scale=grad_scale, found_inf=found_inf)
         return loss
 
     # -- checkpoints -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ its decay is corrected (``corrected``; the output layer keeps plain decay γλ).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, Optional
 
 import torch
@@ -15,6 +16,7 @@ from torch.optim import Optimizer
 
 from .. import _validate as V
 from .. import backends as _backends
+from .. import distributed as _dist
 from ..functional import scionc
 from ..reference.scion import LMO_KINDS, NS_KINDS
 
@@ -46,8 +48,11 @@ class ScionC(Optimizer):
                         nesterov=nesterov, maximize=maximize, backend=backend)
         self._check_group(defaults, [])
         super().__init__(params, defaults)
-        # Hook for fusedecay.distributed: computes LMO directions for (possibly sharded) buffers.
+        # Optional override of how LMO directions are computed (fn(inputs, lmo=, ns_steps=, ns=, ns_dtype=) -> list);
+        # the distributed path calls it on whole matrices on their owner rank. None: the backend's own.
         self._lmo_fn = None
+        # Set by fusedecay.distributed.split_lmo_work: the group replicated (DDP) params share NS work over.
+        self._lmo_process_group = None
 
     def _check_group(self, g: Dict[str, Any], params) -> None:
         V.non_negative("lr", g["lr"])
@@ -114,7 +119,11 @@ class ScionC(Optimizer):
                 bufs.append(state["momentum_buffer"])
             if not params:
                 continue
-            scionc(params, grads, bufs, lr=group["lr"], momentum=group["momentum"], lmo=group["lmo"],
+            run = scionc
+            if self._lmo_process_group is not None or _dist.has_dtensor(params):
+                # DTensor params (FSDP2) or split NS work (DDP): see fusedecay.distributed.
+                run = functools.partial(_dist.scionc, replicated_group=self._lmo_process_group)
+            run(params, grads, bufs, lr=group["lr"], momentum=group["momentum"], lmo=group["lmo"],
                    radius=group["radius"], norm_target=group["norm_target"], corrected=group["corrected"],
                    weight_decay=group["weight_decay"], ns_steps=group["ns_steps"], ns=group["ns"],
                    ns_dtype=self._ns_dtype(group, params[0]), nesterov=group["nesterov"],

@@ -1,0 +1,143 @@
+// torch.library registration of the fusedecay ops (namespace `fusedecay`) and their CPU and Meta
+// kernels. The CUDA kernel of the same op lives in the separate CUDA extension
+// (csrc/cuda/adam_decay_cuda_glue.cpp), which registers it when it is loaded.
+//
+//   fusedecay::adam_decay_        the multi-tensor AdamHD/AdamC step (contract:
+//                                 fusedecay.reference.adam_decay_reference)
+//   fusedecay::_chunk_table       the work split a launch uses, for tests: int64 [num_chunks, 4] rows of
+//                                 (tensor, chunk, begin, length)
+//   fusedecay::_sum_partials      level 2 of the Σ|θ| reduction, exactly as the kernels do it, for tests
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "adam_decay_math.h"
+#include "chunk_table.h"
+#include "cpu/adam_decay_cpu.h"
+#include "glue.h"
+
+namespace fusedecay {
+namespace {
+
+template <typename T>
+void run_cpu(Prepared& prep, const ScalarInputs& sc, const std::optional<at::Tensor>& abs_sums, double beta1,
+             double beta2, double eps, double weight_decay, std::optional<double> delta_fixed, double delta_scale,
+             bool bias_correction, bool maximize) {
+  const KernelScalars<T> ks = make_kernel_scalars<T>(prep, sc, beta1, beta2, eps, weight_decay, delta_fixed,
+                                                     delta_scale, bias_correction, maximize);
+  T* sums = abs_sums.has_value() ? abs_sums->data_ptr<T>() : nullptr;
+  std::vector<double> partials;
+  for (const LaunchGroup& gr : prep.groups) {
+    partials.assign(gr.chunks.size(), 0.0);
+    cpu::run_adam_decay<T>(ks, storage_kind(prep.param_dtype), storage_kind(gr.moment_dtype), gr.metas.data(),
+                           gr.chunks.data(), static_cast<int64_t>(gr.chunks.size()), prep.chunk_size,
+                           sums != nullptr ? partials.data() : nullptr);
+    if (sums != nullptr) {
+      for (const TensorMeta& t : gr.metas) {
+        sums[t.out_index] = static_cast<T>(sum_partials(partials.data(), t.first_chunk, t.num_chunks));
+      }
+    }
+  }
+}
+
+void adam_decay_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    at::TensorList state_steps, std::optional<at::TensorList> delta_mus,
+                    const std::optional<at::Tensor>& abs_sums, double lr, const std::optional<at::Tensor>& lr_tensor,
+                    double beta1, double beta2, double eps, double weight_decay, c10::string_view decay,
+                    std::optional<double> delta_fixed, double delta_scale, std::optional<double> max_lr,
+                    const std::optional<at::Tensor>& max_lr_tensor, bool bias_correction, bool maximize,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                    int64_t chunk_size) {
+  check_hyper(beta1, beta2, eps, weight_decay, delta_scale, delta_fixed, max_lr);
+  Prepared prep = prepare_adam_decay(params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, abs_sums,
+                                     std::string(decay), delta_fixed, chunk_size, c10::DeviceType::CPU);
+  if (params.empty()) return;
+  const ScalarInputs sc = prepare_scalars(prep, lr, lr_tensor, max_lr, max_lr_tensor, grad_scale, found_inf);
+  if (prep.math_dtype == at::kDouble) {
+    run_cpu<double>(prep, sc, abs_sums, beta1, beta2, eps, weight_decay, delta_fixed, delta_scale, bias_correction,
+                    maximize);
+  } else {
+    run_cpu<float>(prep, sc, abs_sums, beta1, beta2, eps, weight_decay, delta_fixed, delta_scale, bias_correction,
+                   maximize);
+  }
+  prep.finish();
+}
+
+// Shape-only kernel so FakeTensor / torch.compile can trace the op (it mutates in place, returns nothing).
+void adam_decay_meta(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                     std::optional<at::TensorList>, const std::optional<at::Tensor>&, double,
+                     const std::optional<at::Tensor>&, double, double, double, double, c10::string_view,
+                     std::optional<double>, double, std::optional<double>, const std::optional<at::Tensor>&, bool, bool,
+                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t) {}
+
+std::vector<TensorMeta> metas_of(c10::IntArrayRef numels) {
+  std::vector<TensorMeta> metas(numels.size());
+  for (size_t i = 0; i < numels.size(); ++i) {
+    TORCH_CHECK_VALUE(numels[i] >= 0, "Invalid numels[", i, "]: ", numels[i]);
+    metas[i].numel = numels[i];
+    metas[i].out_index = static_cast<int64_t>(i);
+  }
+  return metas;
+}
+
+int64_t resolve_chunk_size(int64_t chunk_size) {
+  const int64_t cs = chunk_size == 0 ? kDefaultChunkSize : chunk_size;
+  try {
+    check_chunk_size(cs);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, "Invalid chunk_size: ", e.what());
+  }
+  return cs;
+}
+
+at::Tensor chunk_table_op(c10::IntArrayRef numels, int64_t chunk_size) {
+  const int64_t cs = resolve_chunk_size(chunk_size);
+  std::vector<TensorMeta> metas = metas_of(numels);
+  const std::vector<ChunkRef> table = build_chunk_table(metas, cs);
+  at::Tensor out = at::empty({static_cast<int64_t>(table.size()), 4}, at::kLong);
+  auto a = out.accessor<int64_t, 2>();
+  for (size_t c = 0; c < table.size(); ++c) {
+    a[c][0] = table[c].tensor;
+    a[c][1] = table[c].chunk;
+    a[c][2] = chunk_begin(table[c], cs);
+    a[c][3] = chunk_length(table[c], metas[table[c].tensor].numel, cs);
+  }
+  return out;
+}
+
+at::Tensor sum_partials_op(const at::Tensor& partials, c10::IntArrayRef numels, int64_t chunk_size) {
+  const int64_t cs = resolve_chunk_size(chunk_size);
+  std::vector<TensorMeta> metas = metas_of(numels);
+  const std::vector<ChunkRef> table = build_chunk_table(metas, cs);
+  TORCH_CHECK_VALUE(partials.scalar_type() == at::kDouble && partials.dim() == 1 &&
+                        partials.numel() == static_cast<int64_t>(table.size()),
+                    "Invalid partials: expected a float64 1-D tensor with ", table.size(), " entries");
+  const at::Tensor pc = partials.contiguous().cpu();
+  at::Tensor out = at::empty({static_cast<int64_t>(metas.size())}, at::kDouble);
+  for (size_t i = 0; i < metas.size(); ++i) {
+    out.data_ptr<double>()[i] = sum_partials(pc.data_ptr<double>(), metas[i].first_chunk, metas[i].num_chunks);
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace fusedecay
+
+TORCH_LIBRARY(fusedecay, m) {
+  m.def(fusedecay::kAdamDecaySchema);
+  // Test helpers: plain CPU functions, no dispatch.
+  m.def("_chunk_table(int[] numels, int chunk_size=0) -> Tensor", &fusedecay::chunk_table_op);
+  m.def("_sum_partials(Tensor partials, int[] numels, int chunk_size=0) -> Tensor", &fusedecay::sum_partials_op);
+}
+
+TORCH_LIBRARY_IMPL(fusedecay, CPU, m) {
+  m.impl("adam_decay_", &fusedecay::adam_decay_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fusedecay, Meta, m) { m.impl("adam_decay_", &fusedecay::adam_decay_meta); }
+
+// Module init so `import fusedecay._C` works (the ops are registered by the static initialisers above).
+#include <Python.h>
+static struct PyModuleDef fusedecay_c_module = {PyModuleDef_HEAD_INIT, "_C", "fusedecay CPU kernels", -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fusedecay_c_module); }

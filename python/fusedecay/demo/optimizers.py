@@ -1,0 +1,144 @@
+"""The four optimizers of the demo, their param groups and hyperparameters (sources in docs/demo.md).
+
+Every optimizer sees the same param roles (:func:`fusedecay.demo.model.param_roles`):
+
+    role        AdamW            AdamHD                AdamC                    ScionC
+    hidden      decay λ          Huber decay λ         corrected decay λ        spectral LMO, corrected (C²)
+    embedding   decay λ          Huber decay λ         corrected decay λ        sign LMO, uncorrected decay
+    output      decay λ          Huber decay λ         plain (uncorrected) λ    sign LMO, uncorrected decay
+    gain (1-D)  no decay         no decay              no decay                 bias LMO, no decay
+
+The Adam variants share lr, betas, eps and λ (one grid point: AdamHD and AdamC are drop-in
+replacements for AdamW, which is how both papers compare). ScionC's lr lives on a different scale (its
+step is lr × radius along a unit-norm direction), so it uses the Scion authors' GPT values; the
+learning-rate *schedule* is the same for all four.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from .. import AdamC, AdamHD, ScionC
+from .model import GPT, param_roles
+
+OPTIMIZERS = ("adamw", "adamhd", "adamc", "scionc")
+# Optional baseline (not in the default set): Scion with plain decay η = γλ everywhere, i.e. ScionC
+# without the correction, for the "ScionC vs Scion" claim.
+EXTRA_OPTIMIZERS = ("scion",)
+LABELS = {"adamw": "AdamW (torch)", "adamhd": "AdamHD", "adamc": "AdamC", "scionc": "ScionC", "scion": "Scion"}
+
+
+@dataclass
+class Hyper:
+    """Hyperparameters of one run (recorded in the metrics JSON)."""
+    adam_lr: float = 1e-3          # γ_max of AdamW/AdamHD/AdamC
+    betas: Tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1      # λ of the Adam variants (2-D params only)
+    # AdamHD (seed 000): δ^(l) = c·μ^(l), μ an EMA of mean|θ| (Eqs. 8–9), proximal update (Eq. 18)
+    hd_delta_scale: float = 1.0    # c
+    hd_delta_beta: float = 0.99    # β0
+    hd_update: str = "prox"
+    # ScionC (seed 003; Scion's GPT settings): step s = γ·ρ along the unit LMO direction
+    scion_lr: float = 2.0 ** -12   # γ_max
+    scion_momentum: float = 0.1    # α, weight on the new gradient
+    scion_hidden_radius: float = 50.0
+    scion_sign_radius: float = 3000.0
+    scion_norm_target: float = 1.1875   # C², the author's ViT starting value
+    scion_sign_decay: float = 1.0  # λ of the uncorrected sign layers: η = γ·λ = γ (Scion's constrained decay)
+    scion_plain_decay: float = 1.0  # λ of the optional uncorrected "scion" baseline on its hidden matrices
+    warmup_frac: float = 0.1       # linear warmup share of the steps, then cosine to 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lr_lambda(total_steps: int, warmup_frac: float) -> Callable[[int], float]:
+    """Multiplier of γ_max at step index t (0-based): linear warmup, then cosine decay towards 0."""
+    warmup = max(1, int(round(warmup_frac * total_steps))) if warmup_frac > 0 else 0
+
+    def f(t: int) -> float:
+        if t < warmup:
+            return (t + 1) / warmup
+        span = max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(t - warmup, span) / span))
+
+    return f
+
+
+def _params(pairs: List[Tuple[str, nn.Parameter]]) -> List[nn.Parameter]:
+    return [p for _, p in pairs]
+
+
+def build_optimizer(name: str, model: GPT, hp: Hyper) -> torch.optim.Optimizer:
+    """The optimizer ``name`` over ``model``'s params, grouped by role (see module docstring)."""
+    r = param_roles(model)
+    decayed = _params(r["hidden"]) + _params(r["embedding"]) + _params(r["output"])
+    gains = _params(r["gain"])
+    adam = dict(lr=hp.adam_lr, betas=hp.betas, eps=hp.eps)
+    if name == "adamw":
+        return torch.optim.AdamW([{"params": decayed, "weight_decay": hp.weight_decay},
+                                  {"params": gains, "weight_decay": 0.0}], **adam)
+    if name == "adamhd":
+        return AdamHD([{"params": decayed, "weight_decay": hp.weight_decay},
+                       {"params": gains, "weight_decay": 0.0}], update=hp.hd_update, delta_mode="ema",
+                      delta_scale=hp.hd_delta_scale, delta_beta=hp.hd_delta_beta, backend="auto", **adam)
+    if name == "adamc":
+        # Corrected (λ_t = λγ_t/γ_max) everywhere but the output layer (seed 003's rule).
+        return AdamC([{"params": _params(r["hidden"]) + _params(r["embedding"]), "weight_decay": hp.weight_decay,
+                       "corrected": True},
+                      {"params": _params(r["output"]), "weight_decay": hp.weight_decay, "corrected": False},
+                      {"params": gains, "weight_decay": 0.0, "corrected": False}], backend="auto", **adam)
+    if name in ("scionc", "scion"):
+        hidden = ({"corrected": True, "norm_target": hp.scion_norm_target} if name == "scionc"
+                  else {"corrected": False, "weight_decay": hp.scion_plain_decay})
+        return ScionC([
+            {"params": _params(r["hidden"]), "lmo": "spectral", "radius": hp.scion_hidden_radius, **hidden},
+            {"params": _params(r["embedding"]) + _params(r["output"]), "lmo": "sign",
+             "radius": hp.scion_sign_radius, "corrected": False, "weight_decay": hp.scion_sign_decay},
+            {"params": gains, "lmo": "bias", "radius": hp.scion_hidden_radius, "corrected": False,
+             "weight_decay": 0.0},
+        ], lr=hp.scion_lr, momentum=hp.scion_momentum, backend="auto")
+    raise ValueError(f"unknown optimizer {name!r}; expected one of {','.join(OPTIMIZERS + EXTRA_OPTIMIZERS)}")
+
+
+def hidden_decay(name: str, hp: Hyper, lr_mult: float) -> float:
+    """η_t applied to the block matrices at a step with lr multiplier ``lr_mult`` (θ ← (1 − η_t)θ − …).
+    For AdamHD it is the coefficient of the quadratic (|θ| ≤ δ) regime, an upper bound on its shrinkage."""
+    if name in ("adamw", "adamhd"):
+        return hp.adam_lr * lr_mult * hp.weight_decay
+    if name == "adamc":
+        return hp.adam_lr * lr_mult * hp.weight_decay * lr_mult        # λ_t = λ·γ_t/γ_max
+    s = hp.scion_lr * lr_mult * hp.scion_hidden_radius
+    if name == "scionc":
+        a = hp.scion_momentum
+        return s * s * (2 - a) / (2 * a * hp.scion_norm_target)
+    if name == "scion":
+        return hp.scion_lr * lr_mult * hp.scion_plain_decay
+    raise ValueError(name)
+
+
+def describe(name: str, hp: Hyper) -> Dict[str, object]:
+    """The hyperparameters that apply to ``name`` (for the JSON and the summary)."""
+    common = {"schedule": f"linear warmup {hp.warmup_frac:.0%} of steps, cosine to 0"}
+    if name in ("adamw", "adamhd", "adamc"):
+        d = {"lr": hp.adam_lr, "betas": list(hp.betas), "eps": hp.eps, "weight_decay": hp.weight_decay,
+             "decay_on": "2-D params (hidden, embeddings, tied head)"}
+        if name == "adamhd":
+            d.update(update=hp.hd_update, delta_mode="ema", delta_scale=hp.hd_delta_scale,
+                     delta_beta=hp.hd_delta_beta)
+        if name == "adamc":
+            d.update(corrected="hidden + position embedding", uncorrected="tied output head")
+        return {**d, **common}
+    if name in ("scionc", "scion"):
+        hidden = (f"corrected, C²={hp.scion_norm_target:g}" if name == "scionc"
+                  else f"uncorrected, λ={hp.scion_plain_decay:g}")
+        return {"lr": hp.scion_lr, "momentum": hp.scion_momentum, "hidden": f"spectral, radius "
+                f"{hp.scion_hidden_radius:g}, {hidden}",
+                "embeddings/head": f"sign, radius {hp.scion_sign_radius:g}, uncorrected, λ={hp.scion_sign_decay:g}",
+                "gains": f"bias, radius {hp.scion_hidden_radius:g}, no decay", **common}
+    raise ValueError(name)

@@ -1,0 +1,259 @@
+"""CUDA kernels (fusedecay._C_cuda, Backend "cuda") against the reference contract.
+
+Every test is marked ``cuda`` and skipped without a GPU (or without the built CUDA extension); the CPU
+counterparts in tests/test_cpp_kernels.py run the same math header, chunk table and reduction order.
+Helpers (state builders, the N-step driver) are shared with that module.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_cpp_kernels import (ODD_SHAPES, State, adam_decay_reference, assert_states_close, assert_states_equal,
+                              cpp, hyper, make_grads, make_state, run_contract)
+from tolerances import assert_close, assert_low_precision_ok
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+DEV = "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _needs_cuda_backend():
+    if cpp.CUDA_BACKEND is None:
+        pytest.skip(f"CUDA extension not built: {cpp.cuda_unavailable_reason}")
+
+
+def kernel(chunk_size=0):
+    def run(*args, **kw):
+        return cpp.adam_decay(*args, chunk_size=chunk_size, **kw)
+    return run
+
+
+def on_device(kw):
+    return {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("decay", ["l2", "prox", "euler"])
+@pytest.mark.parametrize("corrected", [False, True])
+@pytest.mark.parametrize("tensor_lr", [False, True])
+@pytest.mark.parametrize("chunk_size", [64, 0])
+def test_matches_reference(dtype, decay, corrected, tensor_lr, chunk_size):
+    kw = hyper(decay, corrected)
+    if tensor_lr:
+        kw["lr"] = torch.tensor(kw["lr"], device=DEV)
+        if corrected:
+            kw["max_lr"] = torch.tensor(kw["max_lr"], device=DEV)
+    st = make_state(ODD_SHAPES, dtype, device=DEV)
+    grads = make_grads(ODD_SHAPES, 4, dtype, device=DEV)
+    want = run_contract(adam_decay_reference, st.clone(), grads, **kw)
+    got = run_contract(kernel(chunk_size), st.clone(), grads, **kw)
+    assert_states_close(got, want, dtype, f"{decay} corrected={corrected}")
+
+
+@pytest.mark.parametrize("decay", ["prox", "euler"])
+@pytest.mark.parametrize("delta", [0.05, 0.0, float("inf")])
+def test_fixed_delta_and_limits(decay, delta):
+    kw = hyper(decay, delta_fixed=delta, maximize=True, bias_correction=False)
+    st = make_state(ODD_SHAPES, torch.float32, device=DEV)
+    grads = make_grads(ODD_SHAPES, 3, torch.float32, device=DEV)
+    want = run_contract(adam_decay_reference, st.clone(), grads, delta_beta=None, **kw)
+    got = run_contract(kernel(64), st.clone(), grads, delta_beta=None, **kw)
+    assert_states_close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("moment_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("decay", ["l2", "prox", "euler"])
+def test_bf16_error_within_eager(moment_dtype, decay):
+    shapes = [(4097,), (130, 129), (7,), (0,), (1 << 20,)]
+    base = make_state(shapes, torch.bfloat16, moment_dtype, device=DEV)
+    grads = make_grads(shapes, 5, torch.bfloat16, device=DEV)
+    kw = hyper(decay)
+    ref64 = run_contract(adam_decay_reference, base.to(torch.float64, torch.float64),
+                         [[g.double() for g in gs] for gs in grads], **kw)
+    eager = run_contract(adam_decay_reference, base.clone(), grads, **kw)
+    fused = run_contract(kernel(), base.clone(), grads, **kw)
+    for name in ("params", "exp_avgs", "exp_avg_sqs"):
+        for i in range(len(shapes)):
+            f, e, r = (getattr(s, name)[i] for s in (fused, eager, ref64))
+            assert_low_precision_ok(f, e, r, what=f"{decay} {name}[{i}]")
+
+
+def test_cpu_and_cuda_kernels_agree():
+    shapes = [(4097,), (130, 129), (7,), (0,), (200000,)]
+    st = make_state(shapes, torch.float32)
+    grads = make_grads(shapes, 3, torch.float32)
+    kw = hyper("prox", corrected=True)
+    cpu = run_contract(cpp.adam_decay, st.clone(), grads, **kw)
+    dev_st = State(*[[x.to(DEV) for x in xs] for xs in (st.params, st.exp_avgs, st.exp_avg_sqs, st.steps, st.mus)])
+    gpu = run_contract(cpp.adam_decay, dev_st, [[g.to(DEV) for g in gs] for gs in grads], **kw)
+    for name in ("params", "exp_avgs", "exp_avg_sqs", "mus", "sums"):
+        for a, b in zip(getattr(gpu, name), getattr(cpu, name)):
+            assert_close(a.cpu(), b, torch.float32, msg=name)
+
+
+def test_unaligned_and_non_contiguous():
+    """Views at odd storage offsets take the scalar path; strided slices go through a copy."""
+    views = [torch.randn(10001, device=DEV)[1:], torch.randn(4001, device=DEV)[3:4000],
+             torch.randn(40, 66, device=DEV)[:, ::2], torch.randn(33, 17, device=DEV).t()]
+
+    def state(ps):
+        return State(ps, [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps],
+                     [torch.tensor(0.0, device=DEV) for _ in ps], [p.abs().mean() for p in ps])
+
+    st, ref = state(views), state([p.clone() for p in views])
+    assert views[0].data_ptr() % 16 != 0 and views[1].data_ptr() % 16 != 0
+    grads = [[torch.randn(p.shape, device=DEV) for p in views] for _ in range(3)]
+    run_contract(adam_decay_reference, ref, grads, **hyper("euler"))
+    run_contract(kernel(), st, grads, **hyper("euler"))
+    assert_states_close(st, ref, torch.float32)
+
+
+def test_found_inf_and_grad_scale():
+    shapes = [(4097,), (7,), (0,)]
+    st = make_state(shapes, torch.float32, device=DEV)
+    grads = [[g * 512.0 for g in gs] for gs in make_grads(shapes, 1, torch.float32, device=DEV)]
+    kw = hyper("euler", grad_scale=torch.tensor(512.0, device=DEV), found_inf=torch.tensor(1.0, device=DEV))
+    skipped = run_contract(kernel(), st.clone(), grads, delta_beta=None, **kw)
+    for a, b in zip(skipped.params + skipped.exp_avgs + skipped.exp_avg_sqs, st.params + st.exp_avgs + st.exp_avg_sqs):
+        assert torch.equal(a, b)
+    want = run_contract(adam_decay_reference, st.clone(), grads, delta_beta=None, **kw)
+    assert_close(skipped.sums[0], want.sums[0], torch.float32)
+    kw["found_inf"] = torch.tensor(0.0, device=DEV)
+    want = run_contract(adam_decay_reference, st.clone(), grads, delta_beta=None, **kw)
+    got = run_contract(kernel(), st.clone(), grads, delta_beta=None, **kw)
+    assert_states_close(got, want, torch.float32)
+
+
+def test_deterministic_reruns():
+    shapes = [(3000001,), (70000,), (5,)]
+    st = make_state(shapes, torch.float32, device=DEV)
+    grads = make_grads(shapes, 2, torch.float32, device=DEV)
+    a = run_contract(kernel(), st.clone(), grads, **hyper("prox"))
+    b = run_contract(kernel(), st.clone(), grads, **hyper("prox"))
+    assert_states_equal(a, b)
+
+
+def test_one_update_launch_for_many_tensors():
+    shapes = [(37,)] * 600 + [(100000,)]
+    st = make_state(shapes, torch.float32, device=DEV)
+    grads = make_grads(shapes, 1, torch.float32, device=DEV)
+    run_contract(kernel(), st.clone(), grads, **hyper("prox"))  # warm-up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run_contract(kernel(), st, grads, delta_beta=None, **hyper("prox"))
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert sum("adam_decay_kernel" in n for n in names) == 1
+    assert sum("reduce_abs_sums_kernel" in n for n in names) == 1
+
+
+def test_cuda_graph_capture_replay_with_tensor_lr():
+    shapes = [(4097,), (33, 65), (7,)]
+    st = make_state(shapes, torch.float32, device=DEV)
+    ref = st.clone()
+    lr = torch.tensor(1e-2, device=DEV)
+    max_lr = torch.tensor(2e-2, device=DEV)
+    static_grads = [torch.zeros(s, device=DEV) for s in shapes]
+    sums = torch.zeros(len(shapes), device=DEV)
+    kw = hyper("prox", corrected=True)
+    kw.update(lr=lr, max_lr=max_lr)
+
+    def step():
+        torch._foreach_add_(st.steps, 1)
+        cpp.adam_decay(st.params, static_grads, st.exp_avgs, st.exp_avg_sqs, st.steps, st.mus, sums, **kw)
+
+    all_grads = make_grads(shapes, 4, torch.float32, device=DEV)
+    lrs = [1e-2, 5e-3, 2e-3, 1e-3]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up step outside the graph (also allocates everything once)
+        torch._foreach_copy_(static_grads, all_grads[0])
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    got_sums = []
+    for t in range(1, 4):
+        torch._foreach_copy_(static_grads, all_grads[t])
+        lr.fill_(lrs[t])
+        graph.replay()
+        got_sums.append(sums.clone())
+    torch.cuda.synchronize()
+
+    for t in range(4):
+        torch._foreach_add_(ref.steps, 1)
+        rs = torch.zeros(len(shapes), device=DEV)
+        rkw = dict(kw, lr=torch.tensor(lrs[t], device=DEV))
+        adam_decay_reference(ref.params, all_grads[t], ref.exp_avgs, ref.exp_avg_sqs, ref.steps, ref.mus, rs, **rkw)
+        if t >= 1:
+            assert_close(got_sums[t - 1], rs, torch.float32, msg=f"sums after replay {t}")
+    for name in ("params", "exp_avgs", "exp_avg_sqs", "steps"):
+        for a, b in zip(getattr(st, name), getattr(ref, name)):
+            assert_close(a, b, torch.float32, msg=name)
+
+
+@pytest.mark.parametrize("opt_name", ["AdamHD", "AdamC"])
+def test_grad_scaler_end_to_end(opt_name):
+    import fusedecay
+
+    def build(backend):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 4)).to(DEV)
+        cls = getattr(fusedecay, opt_name)
+        opt = cls(model.parameters(), lr=1e-2, weight_decay=0.1, backend=backend)
+        return model, opt, torch.amp.GradScaler("cuda", init_scale=2.0 ** 10)
+
+    runs = {}
+    for backend in ("reference", "cuda"):
+        model, opt, scaler = build(backend)
+        g = torch.Generator(device=DEV).manual_seed(1)
+        for it in range(5):
+            x = torch.randn(16, 32, device=DEV, generator=g)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(x).float().pow(2).mean()
+            if it == 2:
+                loss = loss * float("inf")  # a step GradScaler must skip
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        runs[backend] = (model, opt)
+    (m_ref, o_ref), (m_cuda, o_cuda) = runs["reference"], runs["cuda"]
+    for a, b in zip(m_cuda.parameters(), m_ref.parameters()):
+        assert_close(a.detach(), b.detach(), torch.float32)
+        assert o_cuda.state[a]["step"].item() == o_ref.state[b]["step"].item() == 4.0  # the inf step was skipped
+        for k, v in o_ref.state[b].items():
+            assert_close(o_cuda.state[a][k], v, torch.float32, msg=k)
+
+
+def test_tensor_over_2_pow_31_elements():
+    """64-bit indexing: the last elements of a > 2^31-element tensor are updated correctly."""
+    n = (1 << 31) + 1000
+    need = n * (2 + 2 + 2 + 2 + 4) + (1 << 30)  # p, g, m, v in bf16 + one fp32 copy for the exact sum
+    if torch.cuda.mem_get_info()[0] < need:
+        pytest.skip("not enough free GPU memory for a > 2^31-element tensor")
+    p = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+    g = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+    m = torch.zeros_like(p)
+    v = torch.zeros_like(p)
+    step = torch.tensor(1.0, device=DEV)
+    slices = (slice(0, 4096), slice(n - 4096, n))
+    before = [[x[sl].clone() for x in (p, g, m, v)] for sl in slices]
+    sums = torch.empty(1, device=DEV)
+    kw = hyper("euler", delta_fixed=0.5)
+    cpp.adam_decay([p], [g], [m], [v], [step], None, sums, **kw)
+    for sl, (bp, bg, bm, bv) in zip(slices, before):
+        eager = [x.clone() for x in (bp, bg, bm, bv)]
+        ref64 = [x.double() for x in (bp, bg, bm, bv)]
+        for st in (eager, ref64):
+            adam_decay_reference([st[0]], [st[1]], [st[2]], [st[3]], [step], None, None, **kw)
+        assert not torch.equal(p[sl], bp)
+        assert_low_precision_ok(p[sl], eager[0], ref64[0], what="params")
+        assert_low_precision_ok(m[sl], eager[2], ref64[2], what="exp_avg")
+    exact = p.float().abs().sum(dtype=torch.float64)
+    assert_close(sums[0].double(), exact.to(sums.device), torch.float32)

@@ -1,0 +1,129 @@
+"""Element-wise ScionC kernels: everything in a step except the Newton–Schulz matmuls.
+
+One pass over each tensor's memory per kernel, fp32 math, storage in the tensor's dtype:
+
+* :func:`momentum_to_stack` — m ← (1 − α) m + α g (g negated for ``maximize``) and writes the LMO
+  input (m, or the Nesterov m̂ = (1 − α) m + α g) cast to the NS dtype straight into its slot of
+  the stacked NS buffer, transposed if the matrix is tall (the slot's strides do the transpose).
+  Replaces: momentum update, Nesterov blend, cast, transpose, stack.
+* :func:`apply_direction` — θ ← keep·θ − step·D[slot] with keep = 1 − η_t and step = s·sqrt(d_out/d_in),
+  reading the NS output slot through its strides. Replaces: unstack, transpose, cast, spectral
+  scale, decay, update.
+* :func:`sign_step` — the whole step of a ``sign`` group in one pass: momentum, sign LMO, sign/d_in,
+  decay and update.
+
+The host launchers take Python floats only (a tensor lr goes through the torch path), so nothing here
+reads a device value on the host.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_BLOCK = 1024
+
+
+@triton.jit
+def _momentum_to_stack_kernel(g_ptr, m_ptr, u_ptr, N, n_cols, su_r, su_c, alpha, gsign,
+                              NESTEROV: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * gsign
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = m * (1.0 - alpha) + alpha * g                       # m_t = (1 − α) m_{t−1} + α g_t
+    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
+    if NESTEROV:
+        u = m * (1.0 - alpha) + alpha * g                   # m̂ = (1 − α) m_t + α g_t
+    else:
+        u = m
+    r = offs // n_cols
+    c = offs - r * n_cols
+    tl.store(u_ptr + r * su_r + c * su_c, u.to(u_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _apply_direction_kernel(p_ptr, d_ptr, N, n_cols, sd_r, sd_c, keep, step, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    r = offs // n_cols
+    c = offs - r * n_cols
+    d = tl.load(d_ptr + r * sd_r + c * sd_c, mask=mask, other=0.0).to(tl.float32)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    p = p * keep - step * d                                 # θ_t = (1 − η_t) θ_{t−1} − s·lmo
+    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sign_step_kernel(p_ptr, g_ptr, m_ptr, N, alpha, gsign, keep, step,
+                      NESTEROV: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * gsign
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = m * (1.0 - alpha) + alpha * g
+    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
+    if NESTEROV:
+        u = m * (1.0 - alpha) + alpha * g
+    else:
+        u = m
+    sgn = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0))  # torch.sign (0 stays 0)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    p = p * keep - step * sgn                               # step = s / d_in
+    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_contiguous(**tensors: Tensor) -> None:
+    for name, t in tensors.items():
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous for the Triton ScionC kernels")
+
+
+def _grid(n: int):
+    return (triton.cdiv(n, _BLOCK),)
+
+
+def momentum_to_stack(grad: Tensor, buf: Tensor, slot: Tensor, *, alpha: float, nesterov: bool,
+                      maximize: bool) -> None:
+    """Momentum update of ``buf`` in place; LMO input written to ``slot`` (oriented wide: slot = input.mT if tall)."""
+    _check_contiguous(grad=grad, momentum_buffer=buf)
+    if grad.shape != buf.shape or buf.ndim != 2:
+        raise ValueError(f"grad {tuple(grad.shape)} and momentum_buffer {tuple(buf.shape)} must be the same 2-D shape")
+    rows, cols = buf.shape
+    tall = rows > cols
+    if tuple(slot.shape) != ((cols, rows) if tall else (rows, cols)):
+        raise ValueError(f"slot shape {tuple(slot.shape)} does not fit a {tuple(buf.shape)} matrix oriented wide")
+    su_r, su_c = (slot.stride(1), slot.stride(0)) if tall else (slot.stride(0), slot.stride(1))
+    n = buf.numel()
+    if n:
+        _momentum_to_stack_kernel[_grid(n)](grad, buf, slot, n, cols, su_r, su_c, float(alpha),
+                                            -1.0 if maximize else 1.0, NESTEROV=bool(nesterov), BLOCK=_BLOCK)
+
+
+def apply_direction(param: Tensor, slot: Tensor, *, keep: float, step: float) -> None:
+    """θ ← keep·θ − step·D, D read from ``slot`` (the wide-oriented NS output for this matrix)."""
+    _check_contiguous(param=param)
+    rows, cols = param.shape
+    tall = rows > cols
+    if tuple(slot.shape) != ((cols, rows) if tall else (rows, cols)):
+        raise ValueError(f"slot shape {tuple(slot.shape)} does not fit a {tuple(param.shape)} matrix oriented wide")
+    sd_r, sd_c = (slot.stride(1), slot.stride(0)) if tall else (slot.stride(0), slot.stride(1))
+    n = param.numel()
+    if n:
+        _apply_direction_kernel[_grid(n)](param, slot, n, cols, sd_r, sd_c, float(keep), float(step), BLOCK=_BLOCK)
+
+
+def sign_step(param: Tensor, grad: Tensor, buf: Tensor, *, alpha: float, keep: float, step: float,
+              nesterov: bool, maximize: bool) -> None:
+    """One whole ``sign``-LMO step on one tensor: step = s/d_in, keep = 1 − η_t."""
+    _check_contiguous(param=param, grad=grad, momentum_buffer=buf)
+    if not (param.shape == grad.shape == buf.shape):
+        raise ValueError("param, grad and momentum_buffer must have the same shape")
+    n = param.numel()
+    if n:
+        _sign_step_kernel[_grid(n)](param, grad, buf, n, float(alpha), -1.0 if maximize else 1.0, float(keep),
+                                    float(step), NESTEROV=bool(nesterov), BLOCK=_BLOCK)
+
+
+__all__ = ["momentum_to_stack", "apply_direction", "sign_step"]
