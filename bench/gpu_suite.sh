@@ -72,7 +72,7 @@ BENCH_RC=$?
 say "step benchmark rc=$BENCH_RC"
 STEM=""
 if [[ -s "$RAW" ]]; then
-    run_logged python bench/to_results.py "$RAW" --out-dir "$RES" | tee "$RES/.to_results-$STAMP.out" >/dev/null
+    run_logged python bench/to_results.py "$RAW" --out-dir "$RES" | tee "$RES/.to_results-$STAMP.out"
     STEM=$(sed -n 's/^wrote \(.*\)\.json, \.md, \.png$/\1/p' "$RES/.to_results-$STAMP.out")
     rm -f "$RES/.to_results-$STAMP.out"
 fi
