@@ -114,6 +114,7 @@ def main():
                       "step": step + 1}, checkpoint_id=args.ckpt)
             if rank == 0:
                 print(f"saved {args.ckpt} after step {step + 1}")
+    dist.barrier()  # let every rank finish its last collective before the process group goes away
     dist.destroy_process_group()
 
 

@@ -99,10 +99,12 @@ def adam_decay(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
 _NUMEL_CACHE: Dict[Tuple, Tensor] = {}
 
 
-@torch.compiler.disable
 def _numel_tensor(numels: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """The bucket's sizes as a device tensor, built once per (sizes, dtype, device): steady-state steps copy
-    nothing host→device, so the μ update can be captured in a CUDA graph."""
+    nothing host→device, so the μ update can be captured in a CUDA graph. Under torch.compile the sizes are
+    a graph constant instead (no guard on the cache, so changing lr never recompiles)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(numels, dtype=dtype, device=device)
     key = (numels, dtype, device)
     t = _NUMEL_CACHE.get(key)
     if t is None:
