@@ -99,6 +99,9 @@ FD_HD float fd_abs(float x) { return fabsf(x); }
 FD_HD double fd_abs(double x) { return fabs(x); }
 FD_HD float fd_pow(float a, float b) { return powf(a, b); }
 FD_HD double fd_pow(double a, double b) { return pow(a, b); }
+// clip(x, −d, d) written with comparisons so a NaN x propagates (as torch.clamp does).
+FD_HD float fd_clip(float x, float d) { return x < -d ? -d : (x > d ? d : x); }
+FD_HD double fd_clip(double x, double d) { return x < -d ? -d : (x > d ? d : x); }
 
 // Step-invariant hyperparameters of one launch, already rounded to the math type T on the host
 // (as torch rounds a Python-float scalar to the tensor's dtype).
@@ -183,27 +186,27 @@ FD_HD StepScalars<T> make_step_scalars(const KernelScalars<T>& ks, float step, T
 }
 
 // One element: updates m and v in place and returns θ_t (math type). D is a DecayKind.
-template <int D, typename T>
-FD_HD T adam_decay_element(T theta, T g, T& m, T& v, const StepScalars<T>& s) {
+// V is the value type: T itself (CUDA, scalar CPU tails) or a CPU SIMD type holding several lanes
+// of T (csrc/cpu/adam_decay_cpu.cpp) that provides +, −, ·, / (also with a T operand), fd_sqrt and
+// fd_clip lane by lane with the same IEEE rounding, so every lane is bit-identical to the scalar path.
+template <int D, typename T, typename V = T>
+FD_HD V adam_decay_element(V theta, V g, V& m, V& v, const StepScalars<T>& s) {
   g = g * s.grad_mul;
   m = s.beta1 * m + s.one_minus_beta1 * g;
   v = s.beta2 * v + s.one_minus_beta2 * (g * g);
-  const T denom = fd_sqrt(v) * s.inv_sqrt_bc2 + s.eps;
-  const T step = s.lr * ((m * s.inv_bc1) / denom);  // γ_t u_t
+  const V denom = fd_sqrt(v) * s.inv_sqrt_bc2 + s.eps;
+  const V step = s.lr * ((m * s.inv_bc1) / denom);  // γ_t u_t
   if (D == kDecayL2) {
     return theta * s.one_minus_tau - step;
   } else if (D == kDecayProx) {
     // prox_{τH_δ}(y) = y/(1+τ) if |y| ≤ (1+τ)δ else y − τδ·sign(y), written in the equivalent
     // branch-free form y − τ·clip(y/(1+τ), −δ, δ) (both zones agree with Eq. 13–14 exactly in real
     // arithmetic; in floating point they differ from the two-branch form by about one ulp).
-    const T y = theta - step;  // θ̃_t (Eq. 17)
-    const T q = y * s.inv_one_plus_tau;
-    const T clipped = q < -s.delta ? -s.delta : (q > s.delta ? s.delta : q);
-    return y - s.tau * clipped;
+    const V y = theta - step;  // θ̃_t (Eq. 17)
+    const V q = y * s.inv_one_plus_tau;
+    return y - s.tau * fd_clip(q, s.delta);
   } else {
-    // clip written with comparisons so a NaN θ propagates (as torch.clamp does).
-    const T clipped = theta < -s.delta ? -s.delta : (theta > s.delta ? s.delta : theta);
-    return theta - step - s.tau * clipped;
+    return theta - step - s.tau * fd_clip(theta, s.delta);
   }
 }
 

@@ -12,19 +12,30 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__GNUC__) && !defined(__clang__)
+// All inline helpers taking 64-byte vectors are inlined into the clones; the ABI notes do not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
     !defined(FUSEDECAY_NO_CLONES)
-#define FD_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define FD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define FD_CPU_CLONES
 #endif
 
 #if defined(__GNUC__)
 #define FD_ALWAYS_INLINE inline __attribute__((always_inline))
+// On the entry points: inline everything they call (adam_decay_element included), so the vector
+// code is compiled inside each target_clones variant with that variant's ISA.
+#define FD_FLATTEN __attribute__((flatten))
 #else
 #define FD_ALWAYS_INLINE inline
+#define FD_FLATTEN
 #endif
 
 namespace fusedecay {
@@ -55,6 +66,87 @@ struct Io<BF16> {
   static FD_ALWAYS_INLINE uint16_t store(float x) { return float_to_bf16_bits(x); }
 };
 
+#if defined(__GNUC__) && !defined(__clang__) && !defined(FUSEDECAY_NO_SIMD)
+#define FD_CPU_SIMD 1
+// 16 float lanes (64 bytes) as a GCC generic vector. Its arithmetic is lane-wise IEEE (no FMA under
+// -ffp-contract=off, no reciprocal tricks), so each lane rounds exactly as the scalar code; each
+// target_clones variant lowers it to its own ISA (one zmm, two ymm or four xmm registers).
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+constexpr int kVecLanes = 16;
+static_assert(kVecLanes == kLanes<float>, "the vector accumulators must match abs_sum_block's lanes");
+
+struct F16 {
+  f32x16 v;
+};
+FD_ALWAYS_INLINE F16 operator+(F16 a, F16 b) { return F16{a.v + b.v}; }
+FD_ALWAYS_INLINE F16 operator-(F16 a, F16 b) { return F16{a.v - b.v}; }
+FD_ALWAYS_INLINE F16 operator*(F16 a, F16 b) { return F16{a.v * b.v}; }
+FD_ALWAYS_INLINE F16 operator/(F16 a, F16 b) { return F16{a.v / b.v}; }
+FD_ALWAYS_INLINE F16 operator+(F16 a, float b) { return F16{a.v + b}; }
+FD_ALWAYS_INLINE F16 operator-(F16 a, float b) { return F16{a.v - b}; }
+FD_ALWAYS_INLINE F16 operator*(F16 a, float b) { return F16{a.v * b}; }
+FD_ALWAYS_INLINE F16 operator*(float a, F16 b) { return F16{a * b.v}; }
+FD_ALWAYS_INLINE F16 fd_sqrt(F16 a) {
+  F16 r;
+  for (int k = 0; k < kVecLanes; ++k) r.v[k] = __builtin_sqrtf(a.v[k]);  // one vsqrtps per register
+  return r;
+}
+// The scalar fd_clip lane by lane: x < −d → −d, else x > d → d, else x (NaN stays NaN).
+FD_ALWAYS_INLINE F16 fd_clip(F16 x, float d) {
+  const f32x16 lo = f32x16{} - d, hi = f32x16{} + d;
+  const f32x16 upper = x.v > hi ? hi : x.v;
+  return F16{x.v < lo ? lo : upper};
+}
+FD_ALWAYS_INLINE f32x16 abs16(f32x16 x) { return (f32x16)((u32x16)x & 0x7fffffffu); }
+
+constexpr int64_t kPrefetchAhead = 512;  // elements (2 KiB of fp32, 1 KiB of bf16 per stream)
+template <int Write, typename R>
+FD_ALWAYS_INLINE void prefetch_ahead(const R* p) {
+  // Integer arithmetic: the address may lie past the end of the array.
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + kPrefetchAhead * sizeof(R)),
+                     Write, 3);
+}
+
+// Vector load / store of 16 elements of storage type S; store returns the stored value widened
+// back to float (what Σ|θ_t| sums).
+template <typename S>
+struct VecIo;
+template <>
+struct VecIo<float> {
+  static FD_ALWAYS_INLINE F16 load(const float* p) {
+    F16 r;
+    std::memcpy(&r.v, p, sizeof r.v);
+    return r;
+  }
+  static FD_ALWAYS_INLINE f32x16 store(float* p, F16 x) {
+    std::memcpy(p, &x.v, sizeof x.v);
+    return x.v;
+  }
+};
+template <>
+struct VecIo<BF16> {
+  static FD_ALWAYS_INLINE F16 load(const uint16_t* p) {
+    // A lane loop rather than __builtin_convertvector: GCC 12 turns it into one zero-extending
+    // load per register (vpmovzxwd) where the convertvector lowering splits it into halves.
+    u32x16 w;
+    for (int k = 0; k < kVecLanes; ++k) w[k] = static_cast<uint32_t>(p[k]) << 16;
+    return F16{(f32x16)w};
+  }
+  // float_to_bf16_bits lane by lane: round to nearest even, NaN → 0x7FC0.
+  static FD_ALWAYS_INLINE f32x16 store(uint16_t* p, F16 x) {
+    const u32x16 u = (u32x16)x.v;
+    const u32x16 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const u32x16 bits = (u & 0x7fffffffu) > 0x7f800000u ? u32x16{} + 0x7fc0u : rounded;
+    const u16x16 h = __builtin_convertvector(bits, u16x16);
+    std::memcpy(p, &h, sizeof h);
+    return (f32x16)(bits << 16);
+  }
+};
+#endif
+
 // Σ|θ| of n stored values: per-lane accumulators in T (a fixed, ISA-independent order), folded
 // lane 0..L-1 then the tail.
 template <typename P, typename T>
@@ -72,10 +164,28 @@ FD_ALWAYS_INLINE T abs_sum_block(const typename Io<P>::raw* __restrict p, int64_
   return sum + tail;
 }
 
-// One chunk: the update loop over a sub-block (streams θ, g, m, v from memory once), then Σ|θ_t|
-// of the sub-block just written (re-read from L1, no extra memory traffic). The sum is of the
-// stored, rounded θ_t, as the reference computes it.
+// One element on the scalar path (fp64, tails of the vector path, non-GNU compilers); returns the
+// stored θ_t widened back to T.
 template <typename P, typename M, typename T, int D>
+FD_ALWAYS_INLINE T update_one(typename Io<P>::raw* __restrict p, const typename Io<P>::raw* __restrict g,
+                              typename Io<M>::raw* __restrict m, typename Io<M>::raw* __restrict v,
+                              const StepScalars<T>& s) {
+  T mm = Io<M>::load(*m);
+  T vv = Io<M>::load(*v);
+  const T th = adam_decay_element<D, T>(Io<P>::load(*p), Io<P>::load(*g), mm, vv, s);
+  *p = Io<P>::store(th);
+  *m = Io<M>::store(mm);
+  *v = Io<M>::store(vv);
+  return static_cast<T>(Io<P>::load(*p));
+}
+
+// One chunk, in sub-blocks of kSub elements. Each element is read once and written once; when Sum,
+// Σ|θ_t| of the stored, rounded θ_t (as the reference computes it) is accumulated on the way in
+// kLanes per-lane accumulators (lane k takes elements k, k+L, k+2L, … of the sub-block), the
+// elements past the last full lane block go into `tail`, and the sub-block's sum is
+// ((acc[0] + acc[1]) + … + acc[L−1]) + tail, added to the chunk's total in double. That order is
+// the same on the vector path and the scalar path and on every ISA, so sums never depend on the CPU.
+template <typename P, typename M, typename T, int D, bool Sum>
 FD_ALWAYS_INLINE double update_chunk(void* pv, const void* gv, void* mv, void* vv, int64_t n,
                                      const StepScalars<T>& s) {
   using PR = typename Io<P>::raw;
@@ -85,6 +195,7 @@ FD_ALWAYS_INLINE double update_chunk(void* pv, const void* gv, void* mv, void* v
   MR* __restrict m = static_cast<MR*>(mv);
   MR* __restrict v = static_cast<MR*>(vv);
   const StepScalars<T> sc = s;  // local copy: lets the compiler keep the scalars in registers
+  constexpr int L = kLanes<T>;
   double total = 0.0;
   for (int64_t base = 0; base < n; base += kSub) {
     const int64_t len = std::min(kSub, n - base);
@@ -92,15 +203,55 @@ FD_ALWAYS_INLINE double update_chunk(void* pv, const void* gv, void* mv, void* v
     const PR* __restrict gb = g + base;
     MR* __restrict mb = m + base;
     MR* __restrict vb = v + base;
-    for (int64_t i = 0; i < len; ++i) {
-      T mm = Io<M>::load(mb[i]);
-      T vv2 = Io<M>::load(vb[i]);
-      const T th = adam_decay_element<D, T>(Io<P>::load(pb[i]), Io<P>::load(gb[i]), mm, vv2, sc);
-      pb[i] = Io<P>::store(th);
-      mb[i] = Io<M>::store(mm);
-      vb[i] = Io<M>::store(vv2);
+    int64_t i = 0;
+    T sum = T(0);
+#if defined(FD_CPU_SIMD)
+    constexpr bool kVector = std::is_same<T, float>::value;
+#else
+    constexpr bool kVector = false;
+#endif
+    if constexpr (kVector) {
+#if defined(FD_CPU_SIMD)
+      f32x16 acc = {};
+      for (; i + kVecLanes <= len; i += kVecLanes) {
+        // Software prefetch kPrefetchAhead elements ahead on all four streams (for writing where
+        // the line will be written). Measured on a 2-core EPYC: fp32 step ~8 % faster than the
+        // hardware prefetchers alone; neutral for bf16 (compute-bound). Addresses past the end of
+        // a tensor are harmless (a prefetch never faults).
+        prefetch_ahead<1>(pb + i);
+        prefetch_ahead<0>(gb + i);
+        prefetch_ahead<1>(mb + i);
+        prefetch_ahead<1>(vb + i);
+        F16 mm = VecIo<M>::load(mb + i);
+        F16 vv2 = VecIo<M>::load(vb + i);
+        const F16 th = adam_decay_element<D, float, F16>(VecIo<P>::load(pb + i), VecIo<P>::load(gb + i), mm, vv2, sc);
+        const f32x16 stored = VecIo<P>::store(pb + i, th);
+        VecIo<M>::store(mb + i, mm);
+        VecIo<M>::store(vb + i, vv2);
+        if (Sum) acc += abs16(stored);
+      }
+      if (Sum) {
+        for (int k = 0; k < L; ++k) sum += acc[k];
+      }
+#endif
+    } else {  // scalar path: the same lane order, in plain C++ the compiler may vectorise
+      T acc[L] = {};
+      for (; i + L <= len; i += L) {
+        for (int k = 0; k < L; ++k) {
+          const T th = update_one<P, M, T, D>(pb + i + k, gb + i + k, mb + i + k, vb + i + k, sc);
+          if (Sum) acc[k] += fd_abs(th);
+        }
+      }
+      if (Sum) {
+        for (int k = 0; k < L; ++k) sum += acc[k];
+      }
     }
-    total += static_cast<double>(abs_sum_block<P, T>(pb, len));
+    T tail = T(0);
+    for (; i < len; ++i) {
+      const T th = update_one<P, M, T, D>(pb + i, gb + i, mb + i, vb + i, sc);
+      if (Sum) tail += fd_abs(th);
+    }
+    if (Sum) total += static_cast<double>(sum + tail);
   }
   return total;
 }
@@ -120,9 +271,12 @@ template <typename T>
 using UpdateFn = double (*)(void*, const void*, void*, void*, int64_t, const StepScalars<T>&);
 
 // Non-template entry points (target_clones needs plain functions); one per (P, M, decay).
-#define FD_DEFINE_UPDATE(NAME, P, M, T, D)                                                                  \
-  FD_CPU_CLONES double NAME(void* p, const void* g, void* m, void* v, int64_t n, const StepScalars<T>& s) { \
-    return update_chunk<P, M, T, D>(p, g, m, v, n, s);                                                     \
+#define FD_DEFINE_UPDATE(NAME, P, M, T, D)                                                                      \
+  FD_CPU_CLONES FD_FLATTEN double NAME(void* p, const void* g, void* m, void* v, int64_t n, const StepScalars<T>& s) {     \
+    return update_chunk<P, M, T, D, true>(p, g, m, v, n, s);                                                   \
+  }                                                                                                            \
+  FD_CPU_CLONES FD_FLATTEN double NAME##_nosum(void* p, const void* g, void* m, void* v, int64_t n, const StepScalars<T>& s) { \
+    return update_chunk<P, M, T, D, false>(p, g, m, v, n, s);                                                  \
   }
 #define FD_DEFINE_UPDATE_3(NAME, P, M, T)          \
   FD_DEFINE_UPDATE(NAME##_l2, P, M, T, kDecayL2)     \
@@ -142,26 +296,29 @@ FD_CPU_CLONES double abs_f64(const void* p, int64_t n) { return abs_sum_chunk<do
 template <typename T>
 struct Kernels;
 
+// update(pk, mk, decay, sum): the entry point for a storage pair and decay kind; `sum` selects the
+// variant that accumulates Σ|θ_t| (the other one skips it: AdamC / fixed δ need no sums).
+#define FD_UPD_ROW(NAME) {NAME##_l2, NAME##_prox, NAME##_euler}, {NAME##_l2_nosum, NAME##_prox_nosum, NAME##_euler_nosum}
+
 template <>
 struct Kernels<float> {
-  static UpdateFn<float> update(int pk, int mk, int decay) {
-    static const UpdateFn<float> table[2][2][3] = {
-        {{upd_f32_f32_l2, upd_f32_f32_prox, upd_f32_f32_euler}, {upd_f32_bf16_l2, upd_f32_bf16_prox, upd_f32_bf16_euler}},
-        {{upd_bf16_f32_l2, upd_bf16_f32_prox, upd_bf16_f32_euler},
-         {upd_bf16_bf16_l2, upd_bf16_bf16_prox, upd_bf16_bf16_euler}}};
-    return table[pk == kStoreBF16][mk == kStoreBF16][decay];
+  static UpdateFn<float> update(int pk, int mk, int decay, bool sum) {
+    static const UpdateFn<float> table[2][2][2][3] = {{{FD_UPD_ROW(upd_f32_f32)}, {FD_UPD_ROW(upd_f32_bf16)}},
+                                                      {{FD_UPD_ROW(upd_bf16_f32)}, {FD_UPD_ROW(upd_bf16_bf16)}}};
+    return table[pk == kStoreBF16][mk == kStoreBF16][sum ? 0 : 1][decay];
   }
   static double (*abs_sum(int pk))(const void*, int64_t) { return pk == kStoreBF16 ? abs_bf16 : abs_f32; }
 };
 
 template <>
 struct Kernels<double> {
-  static UpdateFn<double> update(int, int, int decay) {
-    static const UpdateFn<double> table[3] = {upd_f64_f64_l2, upd_f64_f64_prox, upd_f64_f64_euler};
-    return table[decay];
+  static UpdateFn<double> update(int, int, int decay, bool sum) {
+    static const UpdateFn<double> table[2][3] = {FD_UPD_ROW(upd_f64_f64)};
+    return table[sum ? 0 : 1][decay];
   }
   static double (*abs_sum(int))(const void*, int64_t) { return abs_f64; }
 };
+#undef FD_UPD_ROW
 
 inline int64_t storage_size(int kind) { return kind == kStoreBF16 ? 2 : (kind == kStoreF64 ? 8 : 4); }
 
@@ -175,7 +332,7 @@ void run_adam_decay(const KernelScalars<T>& ks, int param_kind, int moment_kind,
                     const ChunkRef* chunks, int64_t num_chunks, int64_t chunk_size, double* partials) {
   if (num_chunks == 0) return;
   const bool skip = should_skip(ks);
-  const UpdateFn<T> update = Kernels<T>::update(param_kind, moment_kind, ks.hyper.decay);
+  const UpdateFn<T> update = Kernels<T>::update(param_kind, moment_kind, ks.hyper.decay, partials != nullptr);
   const auto abs_sum = Kernels<T>::abs_sum(param_kind);
   const int64_t ps = storage_size(param_kind), ms = storage_size(moment_kind);
 
