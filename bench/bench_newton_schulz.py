@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -24,6 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
 
 import torch  # noqa: E402
 
+import run_info  # noqa: E402  (bench/run_info.py)
 from fusedecay.newton_schulz import newton_schulz_batched, ns_flops  # noqa: E402
 from fusedecay.reference.scion import newton_schulz  # noqa: E402
 
@@ -33,14 +33,7 @@ GPT2_LAYER = [(2304, 768), (768, 768), (3072, 768), (768, 3072)]   # qkv, attn p
 # ---------------------------------------------------------------------------------------------- shared helpers
 
 def environment(device: torch.device) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
-                               capture_output=True, text=True).stdout.strip()
-        commit += "+dirty" if dirty else ""
-    except Exception:
-        commit = "unknown"
+    """Device, versions and commit for every row (the same facts as the step benchmark's rows)."""
     try:
         import triton
         triton_version = triton.__version__
@@ -49,24 +42,13 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"CPU: {_cpu_model()}, {torch.get_num_threads()} threads"
+        name = f"CPU: {run_info.cpu_model()}, {torch.get_num_threads()} threads"
         try:
             name += f", load average {os.getloadavg()[0]:.1f} at start"
         except OSError:
             pass
-    return dict(device=name, torch=torch.__version__, triton=triton_version, git_commit=commit,
+    return dict(device=name, torch=torch.__version__, triton=triton_version, git_commit=run_info.git_commit(),
                 python=platform.python_version())
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def time_all(fns: dict, device: torch.device, reps: int = 10, warmup: int = 2) -> dict:
