@@ -187,3 +187,19 @@ def test_summary_table_rows_have_four_cells(full_run):
     assert len(rows) >= 10
     for r in rows:   # '|' inside a cell must be escaped, or the Markdown table breaks
         assert len(r.replace("\\|", "").strip("|").split("|")) == 4, r
+
+
+def test_gpt2_124m_preset_has_gpt2_small_shape():
+    """--size gpt2-124m (the --device cuda scale) resolves to GPT-2 small's blocks: 12 × 768, 12 heads, 1024 context.
+    Built on the meta device: the shape is checked without allocating it."""
+    from fusedecay.demo.cli import build_parser, resolve_args
+    from fusedecay.demo.model import GPT, GPTConfig
+
+    a = resolve_args(build_parser().parse_args(["--size", "gpt2-124m", "--device", "cuda"]))
+    assert (a.n_layer, a.n_head, a.n_embd, a.seq_len) == (12, 12, 768, 1024)
+    with torch.device("meta"):
+        model = GPT(GPTConfig(n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd, block_size=a.seq_len))
+    total = sum(p.numel() for p in model.parameters())
+    # GPT-2 small's 12 blocks hold 12 · (4·768² + 2·4·768²) = 84.9M matrix weights; with a byte vocabulary the
+    # embeddings add only 256·768 + 1024·768.
+    assert 84_900_000 < total < 86_000_000, total
