@@ -40,6 +40,7 @@ class _AdamDecayBase(Optimizer):
         V.flag("maximize", g["maximize"])
         V.flag("corrected", g["corrected"])
         V.choice("backend", g["backend"], _backends.BACKEND_NAMES)
+        V.choice("moment_dtype", g["moment_dtype"], (None, torch.float32, torch.bfloat16, torch.float64))
         if g.get("max_lr") is not None:
             V.positive("max_lr", g["max_lr"])
 
@@ -82,8 +83,9 @@ class _AdamDecayBase(Optimizer):
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                mdt = group.get("moment_dtype") or p.dtype  # e.g. fp32 moments for bf16 params
+                state["exp_avg"] = torch.zeros_like(p, dtype=mdt, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=mdt, memory_format=torch.preserve_format)
             if tracks and "delta_mu" not in state:
                 state["delta_mu"] = self._initial_delta_mu(p)
             params.append(p)
@@ -125,20 +127,20 @@ class _AdamDecayBase(Optimizer):
 
     # -- checkpoints -----------------------------------------------------------------------------
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """As torch's, but state keeps the dtypes it was saved with (fp32 μ and moments for bf16
-        params stay fp32) and ``step`` lives on the param's device, so a resume is bit-identical."""
-        saved = {k: {n: v.dtype for n, v in s.items() if isinstance(v, Tensor)}
-                 for k, s in state_dict["state"].items()}
+        """As torch's, but state keeps the dtypes it was saved with and ``step`` lives on the param's device,
+        so a resume is bit-identical. (torch casts every state tensor but ``step`` to the param's dtype, which
+        would round fp32 moments and μ of bf16 params; the saved tensors are put back, moved only.)"""
+        saved = {k: {n: v for n, v in s.items() if isinstance(v, Tensor)} for k, s in state_dict["state"].items()}
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
-        for key, dtypes in saved.items():
+        for key, tensors in saved.items():
             if not isinstance(key, int) or key >= len(params):
                 continue
             p = params[key]
             st = self.state[p]
-            for name, dt in dtypes.items():
-                if name in st and isinstance(st[name], Tensor):
-                    st[name] = st[name].to(dtype=dt, device=p.device)
+            for name, v in tensors.items():
+                if name in st:
+                    st[name] = v.to(device=p.device)
 
 
 class AdamHD(_AdamDecayBase):
@@ -158,6 +160,8 @@ class AdamHD(_AdamDecayBase):
         corrected: if True, λ_t = λ·γ_t/γ_max (AdamC's correction combined with Huber decay).
         max_lr: γ_max for ``corrected``; default the scheduler's ``initial_lr``, else lr at construction.
         bias_correction: Adam's bias correction (True, as torch AdamW). maximize: ascend.
+        moment_dtype: dtype of exp_avg/exp_avg_sq (None: the param's, as torch AdamW; torch.float32 keeps
+            fp32 moments for bf16 params — the compiled and Triton kernels read and write them directly).
         backend: "auto" | "reference" | "cpu" | "cuda" | "triton".
 
     Defaults c = 1.0, β0 = 0.99, bias_correction=True and ``update="prox"`` are fusedecay's choices:
@@ -168,11 +172,11 @@ class AdamHD(_AdamDecayBase):
                  weight_decay: float = 1e-2, *, update: str = "prox", delta_mode: str = "ema",
                  delta: Optional[float] = None, delta_scale: float = 1.0, delta_beta: float = 0.99,
                  corrected: bool = False, max_lr: Optional[float] = None, bias_correction: bool = True,
-                 maximize: bool = False, backend: str = "auto"):
+                 maximize: bool = False, moment_dtype: Optional[torch.dtype] = None, backend: str = "auto"):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update=update,
                         delta_mode=delta_mode, delta=delta, delta_scale=delta_scale, delta_beta=delta_beta,
                         corrected=corrected, max_lr=max_lr, bias_correction=bias_correction, maximize=maximize,
-                        backend=backend)
+                        moment_dtype=moment_dtype, backend=backend)
         super().__init__(params, defaults)
 
     def _check_group(self, g):
@@ -206,9 +210,11 @@ class AdamC(_AdamDecayBase):
 
     def __init__(self, params, lr=1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, corrected: bool = True, max_lr: Optional[float] = None,
-                 bias_correction: bool = True, maximize: bool = False, backend: str = "auto"):
+                 bias_correction: bool = True, maximize: bool = False, moment_dtype: Optional[torch.dtype] = None,
+                 backend: str = "auto"):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, corrected=corrected, max_lr=max_lr,
-                        bias_correction=bias_correction, maximize=maximize, backend=backend)
+                        bias_correction=bias_correction, maximize=maximize, moment_dtype=moment_dtype,
+                        backend=backend)
         super().__init__(params, defaults)
 
     def _decay_of(self, group) -> str:
