@@ -164,23 +164,27 @@ def test_cold_start_and_delta_mean():
     assert_states_close(got, want, torch.float32)
 
 
-@pytest.mark.parametrize("moment_dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("decay", ["l2", "prox", "euler"])
-def test_bf16_error_within_eager(moment_dtype, decay):
-    shapes = [(4097,), (130, 129), (7,), (0,)]
-    base = make_state(shapes, torch.bfloat16, moment_dtype)
-    grads = make_grads(shapes, 5, torch.bfloat16)
+def check_bf16_error_within_eager(shapes, moment_dtype, decay, device="cpu", chunk_size=64):
+    """Fused bf16 vs float64 reference: error ≤ the tolerance factor × an eager bf16 run's (shared with the CUDA tests)."""
+    base = make_state(shapes, torch.bfloat16, moment_dtype, device=device)
+    grads = make_grads(shapes, 5, torch.bfloat16, device=device)
     kw = hyper(decay)
     ref64 = run_contract(adam_decay_reference, base.to(torch.float64, torch.float64),
                          [[g.double() for g in gs] for gs in grads], **kw)
     eager = run_contract(adam_decay_reference, base.clone(), grads, **kw)
-    fused = run_contract(kernel(), base.clone(), grads, **kw)
+    fused = run_contract(kernel(chunk_size), base.clone(), grads, **kw)
     for name in ("params", "exp_avgs", "exp_avg_sqs"):
         for i in range(len(shapes)):
             f, e, r = (getattr(s, name)[i] for s in (fused, eager, ref64))
             assert f.dtype == e.dtype
             assert_low_precision_ok(f, e, r, what=f"{decay} {name}[{i}]")
     assert_low_precision_ok(torch.stack(fused.sums), torch.stack(eager.sums), torch.stack(ref64.sums), what="sums")
+
+
+@pytest.mark.parametrize("moment_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("decay", ["l2", "prox", "euler"])
+def test_bf16_error_within_eager(moment_dtype, decay):
+    check_bf16_error_within_eager([(4097,), (130, 129), (7,), (0,)], moment_dtype, decay)
 
 
 def test_non_contiguous_params():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from test_cpp_kernels import (ODD_SHAPES, State, adam_decay_reference, assert_states_close, assert_states_equal,
-                              cpp, hyper, make_grads, make_state, run_contract)
+                              check_bf16_error_within_eager, cpp, hyper, make_grads, make_state, run_contract)
 from tolerances import assert_close, assert_low_precision_ok
 
 pytestmark = [
@@ -69,18 +69,8 @@ def test_fixed_delta_and_limits(decay, delta):
 @pytest.mark.parametrize("moment_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("decay", ["l2", "prox", "euler"])
 def test_bf16_error_within_eager(moment_dtype, decay):
-    shapes = [(4097,), (130, 129), (7,), (0,), (1 << 20,)]
-    base = make_state(shapes, torch.bfloat16, moment_dtype, device=DEV)
-    grads = make_grads(shapes, 5, torch.bfloat16, device=DEV)
-    kw = hyper(decay)
-    ref64 = run_contract(adam_decay_reference, base.to(torch.float64, torch.float64),
-                         [[g.double() for g in gs] for gs in grads], **kw)
-    eager = run_contract(adam_decay_reference, base.clone(), grads, **kw)
-    fused = run_contract(kernel(), base.clone(), grads, **kw)
-    for name in ("params", "exp_avgs", "exp_avg_sqs"):
-        for i in range(len(shapes)):
-            f, e, r = (getattr(s, name)[i] for s in (fused, eager, ref64))
-            assert_low_precision_ok(f, e, r, what=f"{decay} {name}[{i}]")
+    check_bf16_error_within_eager([(4097,), (130, 129), (7,), (0,), (1 << 20,)], moment_dtype, decay, device=DEV,
+                                  chunk_size=0)
 
 
 def test_cpu_and_cuda_kernels_agree():
