@@ -115,6 +115,7 @@ def _device_cases():
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("n,M,K", SYM_SHAPES)
 def test_symmetric_kernel_error_no_worse_than_torch_matmul(n, M, K):
     g = torch.Generator().manual_seed(M * K)
@@ -132,6 +133,7 @@ def test_symmetric_kernel_error_no_worse_than_torch_matmul(n, M, K):
     assert rel_error(c2, ref2) <= rel_error(bb * A + cc * (A @ A), ref2) + torch.finfo(torch.float32).eps
 
 
+@pytest.mark.triton
 def test_symmetric_kernel_2d_input_and_out_argument():
     x = torch.randn(20, 9)
     out = torch.empty(1, 20, 20)
@@ -140,6 +142,7 @@ def test_symmetric_kernel_2d_input_and_out_argument():
     assert rel_error(r, x.double() @ x.double().T) <= RTOL[torch.float32]
 
 
+@pytest.mark.triton
 def test_symmetric_kernel_bad_arguments():
     with pytest.raises(ValueError, match="x must be"):
         symmetric_matmul(torch.randn(5))
@@ -149,6 +152,7 @@ def test_symmetric_kernel_bad_arguments():
         symmetric_matmul(torch.randn(4, 6), out=torch.empty(4, 6))
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("ns", ["classic", "polar_express"])
 def test_ns_chain_on_symmetric_kernel_matches_float64(ns):
     mats = _mats([(40, 72), (40, 72)], seed=5)

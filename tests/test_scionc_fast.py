@@ -142,6 +142,7 @@ def _reference_steps(params, grads_per_step, bufs, **kw):
             scionc_step(p, g, b, **kw)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("lmo,ns,nesterov,maximize,corrected", [
     ("spectral", "classic", False, False, True),
     ("spectral", "polar_express", True, True, False),
@@ -167,6 +168,7 @@ def test_triton_step_matches_reference(lmo, ns, nesterov, maximize, corrected):
         assert_close(b, r)
 
 
+@pytest.mark.triton
 def test_momentum_to_stack_writes_transposed_slot():
     g, m = torch.randn(9, 4), torch.randn(9, 4)
     slot = torch.empty(4, 9)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.triton
 
 from fusedecay import AdamC, AdamHD, backends  # noqa: E402
 from fusedecay import functional as F  # noqa: E402
