@@ -1,0 +1,192 @@
+"""Paired step-time ratios: fusedecay vs torch ``AdamW(fused=True)``, interleaved round by round.
+
+bench/test_bench_step.py (pytest-benchmark) times one case after the other, so a machine whose speed
+drifts between cases (a shared VM's memory bandwidth, GPU clocks) moves the ratios: on the 2-core CI
+box the same AdamHD kernel measured 0.74× and 1.15× torch fused in two runs. Here every round runs
+one ``optimizer.step()`` of *every* candidate, in an order rotated from round to round, each timed on
+its own; a candidate's ratio is taken within each round against the torch fused step of the same
+round, and the figure is the median of those per-round ratios, with a bootstrap 95 % interval.
+
+The same rounds also time two bandwidth references on buffers of the step's size class:
+  * copy:  ``dst.copy_(src)``, 2 × bytes (read + write), the "copy bandwidth" of the issue;
+  * rmw:   ``a.add_(b)``, 3 × bytes (read a, b, write a). On CPUs a copy's destination is also read
+           (write-allocate) and that traffic is not counted, so copy GB/s under-states what a
+           read-modify-write stream such as an optimizer step can reach; rmw moves memory the way
+           the step does. On GPUs the two agree closely.
+"% copy" / "% rmw" are per-round ratios of the step's GB/s (bytes an ideal fused step moves: 28 B/param
+fp32, 14 B/param bf16; see bench/to_results.py) to the reference's GB/s in the same round.
+
+    python bench/bench_paired_step.py                       # GPU: gpt2-124m; CPU: cpu-small
+    python bench/bench_paired_step.py --rounds 60 --dtypes fp32,bf16 --param-set cpu-small
+
+Writes bench/results/paired-<device>-<date>.json (rows + run info) and .md. Asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
+
+import torch  # noqa: E402
+
+BASELINE = ("adamw", "torch-fused")
+KERNELS = ("adamhd-prox-ema", "adamhd-euler", "adamc")
+
+
+def bootstrap_median_ci(xs: List[float], n_boot: int = 2000, seed: int = 0) -> Tuple[float, float]:
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(n_boot))
+    return meds[int(0.025 * n_boot)], meds[int(0.975 * n_boot) - 1]
+
+
+def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    """Seconds for one call, the device idle before and drained after (wall clock around syncs)."""
+    if device.type == "cuda":
+        def run(fn):
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize(device)
+            return time.perf_counter() - t0
+    else:
+        def run(fn):
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+    return run
+
+
+def bandwidth_refs(device: torch.device, nbytes: int) -> Dict[str, Tuple[Callable[[], object], int]]:
+    """copy and rmw references over fp32 buffers of ``nbytes`` each (what one step's θ stream is)."""
+    n = max(nbytes // 4, 1 << 20)
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    a = torch.randn(n, device=device)
+    b = torch.randn(n, device=device)
+    return {"copy": (lambda: dst.copy_(src), 2 * 4 * n), "rmw": (lambda: a.add_(b), 3 * 4 * n)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
+    ap.add_argument("--param-set", default=None, help="bench/param_sets.py name (default: gpt2-124m on GPU, "
+                    "cpu-small on CPU)")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, bf16-fp32state")
+    ap.add_argument("--kernels", default=",".join(KERNELS))
+    ap.add_argument("--rounds", type=int, default=0, help="default: 100 on GPU, 40 on CPU")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    a = ap.parse_args()
+    if a.device:
+        os.environ["FUSEDECAY_BENCH_DEVICE"] = a.device
+
+    import fusedecay  # noqa: F401
+    import param_sets as PS
+    import test_bench_step as TB  # the step benchmark's optimizer construction and state setup
+    from run_info import run_info, slug
+
+    dev = TB.DEVICE
+    ps_name = a.param_set or ("gpt2-124m" if dev.type == "cuda" else "cpu-small")
+    rounds = a.rounds or (100 if dev.type == "cuda" else 40)
+    shapes = PS.shapes(ps_name, dev.type)
+    numel = PS.numel(shapes)
+    kernels = [k for k in a.kernels.split(",") if k]
+    run = timer(dev)
+    info = run_info(dev)
+    rows: List[dict] = []
+
+    for dt in [d for d in a.dtypes.split(",") if d]:
+        param_dtype, moment_dtype, bpp = TB.DTYPES[dt]
+        bytes_per_step = numel * bpp
+        # torch AdamW keeps moments in the param dtype: bf16 params + fp32 moments compare with fp32
+        base_dt = "fp32" if dt == "bf16-fp32state" else dt
+        cands: Dict[Tuple[str, str], Callable[[], object]] = {}
+        keep = []
+        bp = PS.make_params(shapes, dev, TB.DTYPES[base_dt][0])
+        base_opt = TB.make_optimizer(TB.Case(ps_name, base_dt, *BASELINE), bp)
+        base_opt.step()
+        TB.randomize_state(base_opt, bp, TB.DTYPES[base_dt][1])
+        cands[BASELINE] = base_opt.step
+        keep.append((base_opt, bp))
+        for k in kernels:
+            for b in TB.fusedecay_backends(numel, dt):
+                if b == "reference":
+                    continue  # an eager per-tensor loop: bench/test_bench_step.py times it
+                params = PS.make_params(shapes, dev, param_dtype)
+                opt = TB.make_optimizer(TB.Case(ps_name, dt, k, b), params)
+                opt.step()
+                TB.randomize_state(opt, params, moment_dtype)
+                cands[(k, b)] = opt.step
+                keep.append((opt, params))
+        refs = bandwidth_refs(dev, numel * torch.empty((), dtype=param_dtype).element_size())
+        for name, (fn, _) in refs.items():
+            cands[(name, "torch")] = fn
+        order = list(cands)
+        for _ in range(a.warmup):
+            for key in order:
+                run(cands[key])
+        times: Dict[Tuple[str, str], List[float]] = {key: [] for key in order}
+        for r in range(rounds):
+            rot = order[r % len(order):] + order[:r % len(order)]
+            for key in rot:
+                times[key].append(run(cands[key]))
+        base_t = times[BASELINE]
+        ref_gbps = {name: [nb / t / 1e9 for t in times[(name, "torch")]] for name, (_, nb) in refs.items()}
+        for key in order:
+            kernel, backend = key
+            ts = times[key]
+            row = dict(param_set=ps_name, dtype=dt, kernel=kernel, backend=backend, device=dev.type,
+                       n_tensors=len(shapes), numel=numel, rounds=rounds, median_ms=statistics.median(ts) * 1e3)
+            if kernel in refs:
+                row.update(bytes_per_call=refs[kernel][1], gbps=statistics.median(ref_gbps[kernel]))
+            else:
+                ratios = [t / tb for t, tb in zip(ts, base_t)]
+                lo, hi = bootstrap_median_ci(ratios)
+                gbps = [bytes_per_step / t / 1e9 for t in ts]
+                row.update(bytes_per_step=bytes_per_step, gbps=statistics.median(gbps),
+                           ratio_vs_torch_fused=statistics.median(ratios), ratio_ci95=[lo, hi],
+                           baseline=f"adamw torch-fused {base_dt}",
+                           pct_copy_bw=100 * statistics.median(g / c for g, c in zip(gbps, ref_gbps["copy"])),
+                           pct_rmw_bw=100 * statistics.median(g / c for g, c in zip(gbps, ref_gbps["rmw"])))
+            rows.append(row)
+        del keep, cands
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    os.makedirs(a.out_dir, exist_ok=True)
+    stem = os.path.join(a.out_dir, f"paired-{slug(info['device_name'])}-{info['date'][:10]}")
+    with open(stem + ".json", "w") as f:
+        json.dump({"fusedecay_run": info, "loadavg_1min_end": os.getloadavg()[0], "rows": rows}, f, indent=1)
+    lines = [f"# Paired step-time ratios — {info['device_name']}", "",
+             f"torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, Python {info['python']}, "
+             f"commit `{info['commit']}`, {info['date']}. `python bench/bench_paired_step.py` "
+             f"(param set {ps_name}, {rounds} interleaved rounds; ratio = median of per-round ratios to torch "
+             f"fused AdamW in the same round, 95 % bootstrap interval).", "",
+             "| dtype | kernel | backend | median ms | GB/s | % copy BW | % rmw BW | × torch fused | 95 % CI |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if "ratio_vs_torch_fused" in r:
+            lo, hi = r["ratio_ci95"]
+            lines.append(f"| {r['dtype']} | {r['kernel']} | {r['backend']} | {r['median_ms']:.3f} | {r['gbps']:.1f} | "
+                         f"{r['pct_copy_bw']:.0f} | {r['pct_rmw_bw']:.0f} | {r['ratio_vs_torch_fused']:.3f} | "
+                         f"{lo:.3f}–{hi:.3f} |")
+        else:
+            lines.append(f"| {r['dtype']} | {r['kernel']} (reference) | {r['backend']} | {r['median_ms']:.3f} | "
+                         f"{r['gbps']:.1f} | | | | |")
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {stem}.json, .md")
+
+
+if __name__ == "__main__":
+    main()
