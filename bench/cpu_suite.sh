@@ -2,7 +2,8 @@
 # The CPU step benchmark in one command (about 3–5 minutes on a quiet 2-core machine):
 #   bash bench/cpu_suite.sh
 # Runs bench/test_bench_step.py on the CPU (copy bandwidth, cpu-small in three dtypes, the many-small
-# sweep) and turns the JSON into bench/results/<cpu>-<date>.{json,md,png}. The timings are only as good
+# sweep) and turns the JSON into bench/results/<cpu>-<date>.{json,md,png}, then bench/bench_paired_step.py
+# (interleaved ratios: bench/results/paired-<cpu>-<date>.{json,md}). The timings are only as good
 # as the machine is idle: FUSEDECAY_WAIT_QUIET_S=N first waits up to N seconds for the 1-minute load
 # average to drop below 1 (each row records the load average it ran under either way).
 set -euo pipefail
@@ -19,3 +20,5 @@ echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 python -m pytest bench/test_bench_step.py -p no:cacheprovider --benchmark-json="$RAW" \
     --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 python bench/to_results.py "$RAW"
+# Paired ratios (every candidate stepped in every round, order rotated; median per-round ratio with a 95 % CI):
+python bench/bench_paired_step.py --dtypes fp32,bf16-fp32state,bf16

@@ -252,12 +252,18 @@ inline ScalarInputs prepare_scalars(const Prepared& prep, double lr, const std::
       s.max_lr = on_device(*max_lr_tensor, prep.math_dtype);
     }
   }
+  // grad_scale / found_inf live where GradScaler keeps them, on the params' device: reading them from
+  // another device would be a synchronous copy (and is illegal inside a CUDA-graph capture).
   if (grad_scale.has_value()) {
     check_scalar_tensor("grad_scale", *grad_scale);
+    TORCH_CHECK_VALUE(grad_scale->device() == prep.device, "Invalid grad_scale: on ", grad_scale->device(),
+                      ", params on ", prep.device);
     s.grad_scale = on_device(*grad_scale, prep.math_dtype);
   }
   if (found_inf.has_value()) {
     check_scalar_tensor("found_inf", *found_inf);
+    TORCH_CHECK_VALUE(found_inf->device() == prep.device, "Invalid found_inf: on ", found_inf->device(),
+                      ", params on ", prep.device);
     s.found_inf = static_cast<const float*>(on_device(*found_inf, at::kFloat));
   }
   return s;

@@ -245,5 +245,29 @@ def test_tensor_over_2_pow_31_elements():
         assert not torch.equal(p[sl], bp)
         assert_low_precision_ok(p[sl], eager[0], ref64[0], what="params")
         assert_low_precision_ok(m[sl], eager[2], ref64[2], what="exp_avg")
-    exact = p.float().abs().sum(dtype=torch.float64)
+    exact = p.float().abs_().sum(dtype=torch.float64)  # one fp32 copy, as budgeted above
     assert_close(sums[0].double(), exact.to(sums.device), torch.float32)
+
+
+def test_scalar_tensor_devices():
+    """grad_scale / found_inf must sit on the params' device; a CPU lr is read on the host eagerly and
+    refused inside a CUDA-graph capture (its value would be frozen into the graph)."""
+    shapes = [(4097,), (5,)]
+    grads = make_grads(shapes, 1, torch.float32, device=DEV)
+    for name, val in (("grad_scale", torch.tensor(2.0)), ("found_inf", torch.tensor(0.0))):
+        with pytest.raises(ValueError, match=name):
+            run_contract(kernel(), make_state(shapes, torch.float32, device=DEV), grads, **hyper("prox", **{name: val}))
+    st, ref = make_state(shapes, torch.float32, device=DEV), make_state(shapes, torch.float32, device=DEV)
+    run_contract(kernel(), st, grads, **hyper("prox", lr=torch.tensor(3e-3)))
+    run_contract(adam_decay_reference, ref, grads, **hyper("prox", lr=torch.tensor(3e-3, device=DEV)))
+    assert_states_close(st, ref, torch.float32)
+    st = make_state(shapes, torch.float32, device=DEV)
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        with torch.cuda.graph(graph):
+            with pytest.raises(ValueError, match="captured"):
+                cpp.adam_decay(st.params, grads[0], st.exp_avgs, st.exp_avg_sqs, st.steps, st.mus, None,
+                               **hyper("prox", lr=torch.tensor(3e-3)))
+    torch.cuda.current_stream().wait_stream(side)

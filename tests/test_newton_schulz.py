@@ -111,15 +111,16 @@ from fusedecay.triton_kernels.symmetric_matmul import symmetric_matmul  # noqa: 
 SYM_SHAPES = [(2, 70, 45), (1, 33, 100), (3, 5, 3)]
 
 
-def _device_cases():
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Where a GPU exists the kernels are compiled (conftest.py turns the interpreter on only without one),
+# so the inputs must be GPU tensors there.
+KDEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("n,M,K", SYM_SHAPES)
 def test_symmetric_kernel_error_no_worse_than_torch_matmul(n, M, K):
     g = torch.Generator().manual_seed(M * K)
-    x = torch.randn(n, M, K, generator=g)
+    x = torch.randn(n, M, K, generator=g).to(KDEV)
     ref = x.double() @ x.double().mT
     c = symmetric_matmul(x)
     assert torch.equal(c, c.mT), "mirrored result must be exactly symmetric"
@@ -135,8 +136,8 @@ def test_symmetric_kernel_error_no_worse_than_torch_matmul(n, M, K):
 
 @pytest.mark.triton
 def test_symmetric_kernel_2d_input_and_out_argument():
-    x = torch.randn(20, 9)
-    out = torch.empty(1, 20, 20)
+    x = torch.randn(20, 9, device=KDEV)
+    out = torch.empty(1, 20, 20, device=KDEV)
     r = symmetric_matmul(x, out=out)
     assert r.shape == (20, 20) and r.data_ptr() == out.data_ptr()
     assert rel_error(r, x.double() @ x.double().T) <= RTOL[torch.float32]
@@ -155,7 +156,7 @@ def test_symmetric_kernel_bad_arguments():
 @pytest.mark.triton
 @pytest.mark.parametrize("ns", ["classic", "polar_express"])
 def test_ns_chain_on_symmetric_kernel_matches_float64(ns):
-    mats = _mats([(40, 72), (40, 72)], seed=5)
+    mats = _mats([(40, 72), (40, 72)], seed=5, device=KDEV)
     x = torch.stack(mats)
     x = x / (torch.linalg.matrix_norm(x, keepdim=True) * 1.01)
     coeffs = ns_coefficients(ns, 5)

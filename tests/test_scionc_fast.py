@@ -170,19 +170,20 @@ def test_triton_step_matches_reference(lmo, ns, nesterov, maximize, corrected):
 
 @pytest.mark.triton
 def test_momentum_to_stack_writes_transposed_slot():
-    g, m = torch.randn(9, 4), torch.randn(9, 4)
-    slot = torch.empty(4, 9)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels need GPU tensors
+    g, m = torch.randn(9, 4, device=dev), torch.randn(9, 4, device=dev)
+    slot = torch.empty(4, 9, device=dev)
     m0 = m.clone()
     tk.momentum_to_stack(g, m, slot, alpha=0.25, nesterov=True, maximize=False)
     m_ref = m0 * 0.75 + 0.25 * g
     assert_close(m, m_ref)
     assert_close(slot, (m_ref * 0.75 + 0.25 * g).T)
-    p = torch.randn(9, 4)
+    p = torch.randn(9, 4, device=dev)
     p0 = p.clone()
     tk.apply_direction(p, slot, keep=0.9, step=0.5)
     assert_close(p, p0 * 0.9 - 0.5 * slot.T)
     with pytest.raises(ValueError, match="slot shape"):
-        tk.apply_direction(p, torch.empty(9, 4), keep=1.0, step=1.0)
+        tk.apply_direction(p, torch.empty(9, 4, device=dev), keep=1.0, step=1.0)
     with pytest.raises(ValueError, match="contiguous"):
         tk.momentum_to_stack(g.T, m.T, slot.T, alpha=0.1, nesterov=False, maximize=False)
 

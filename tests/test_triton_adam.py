@@ -402,6 +402,33 @@ def test_torch_compile_tensor_lr_no_recompile_cpu():
     _compile_no_recompile("cpu")
 
 
+def test_scalar_tensor_device_rules():
+    """lr on the CPU with GPU params is read on the host (no device sync), refused inside a CUDA-graph
+    capture; grad_scale / found_inf must be on the params' device. (Only devices are compared here, so
+    this runs without a GPU.)"""
+    gpu = torch.device("cuda", 0)
+    assert K._device_scalar("lr", torch.tensor(0.25), gpu) == (None, 0.25)
+    with pytest.raises(ValueError, match="lr: a CPU tensor while the step is being captured"):
+        K._device_scalar("lr", torch.tensor(0.25), gpu, capturing=True)
+    with pytest.raises(ValueError, match="max_lr: on meta"):
+        K._device_scalar("max_lr", torch.tensor(0.25, device="meta"), gpu)
+    with pytest.raises(ValueError, match="grad_scale: on cpu"):
+        K._device_tensor("grad_scale", torch.tensor(2.0), gpu)
+    assert K._device_scalar("lr", 0.5, gpu) == (None, 0.5)
+
+
+def test_cache_hit_still_checks_grad_sizes():
+    """A grad of another size at a recycled address (same data_ptr) must not reuse the cached plan."""
+    shapes = [(37,), (5, 7)]
+    params, m, v, steps, mus = _state(shapes, seed=150)
+    buf = torch.randn(64)
+    grads = [buf[:37], torch.randn(5, 7)]
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decay="prox", delta_mode="ema")
+    F.adam_decay(params, grads, m, v, steps, mus, backend="triton", **kw)
+    with pytest.raises(ValueError, match="grads\\[0\\] has 36 elements"):
+        F.adam_decay(params, [buf[:36], grads[1]], m, v, steps, mus, backend="triton", **kw)
+
+
 _PTX_CHECK = r"""
 import re, sys
 import triton, triton.language as tl
@@ -422,12 +449,16 @@ for p_dt, m_dt, aligned in ((tl.float32, tl.float32, True), (tl.bfloat16, tl.flo
     src = triton.compiler.ASTSource(fn=K._adam_decay_kernel, signature=sig, constexprs=const)
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": K.DEFAULT_NUM_WARPS}).asm["ptx"]
     print(aligned, "ld.global.v4" in ptx and "st.global.v4" in ptx)
+    # IEEE-rounded division and square root (no div.full / sqrt.approx, no subnormal flush in them).
+    ops = set(re.findall(r"\b(div|sqrt)\.([a-z]+)(?:\.ftz)?\.f32", ptx))
+    print("ieee", sorted(ops) == [("div", "rn"), ("sqrt", "rn")], sorted(ops))
 """
 
 
 @pytest.mark.slow
 def test_kernel_lowers_to_ptx_with_vector_accesses(tmp_path):
-    """Without a GPU: compile the kernel for sm_90 (PTX only) and check 16-byte loads/stores when aligned."""
+    """Without a GPU: compile the kernel for sm_90 (PTX only); check 16-byte loads/stores when aligned and
+    IEEE-rounded division and square root."""
     import subprocess
     import sys
     if CUDA:
@@ -441,7 +472,10 @@ def test_kernel_lowers_to_ptx_with_vector_accesses(tmp_path):
     out = subprocess.run([sys.executable, str(script), python_dir], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["True", "True", "True", "True", "True", "True", "False", "False"]
+    lines = out.stdout.splitlines()
+    assert [ln.split()[:2] for ln in lines if not ln.startswith("ieee")] == [["True", "True"]] * 3 + [["False", "False"]]
+    ieee = [ln for ln in lines if ln.startswith("ieee")]
+    assert len(ieee) == 4 and all(ln.split()[1] == "True" for ln in ieee), ieee
 
 
 # ------------------------------------------------------------------------------------------------
@@ -544,3 +578,88 @@ def test_cuda_graph_replay_with_changing_lr(opt_cls):
 @needs_cuda
 def test_torch_compile_tensor_lr_no_recompile_cuda():
     _compile_no_recompile("cuda")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_graph_capture_with_fresh_grads_survives_cache_eviction():
+    """Whole-step capture as in training (grads allocated inside the graph, so the metadata cache misses
+    during capture: the upload must be capture-legal), then the eager cache is cleared and overfilled;
+    replays must still read the captured plan. AdamHD prox with EMA δ (Σ|θ| and μ on the device)."""
+    shapes = [(257, 33), (1000,), (5,), (0,)]
+    ps = [torch.nn.Parameter(x) for x in _tensors(shapes, 140)]
+    qs = [torch.nn.Parameter(x.detach().clone()) for x in ps]
+    lr_g, lr_e = torch.tensor(0.01, device="cuda"), torch.tensor(0.01, device="cuda")
+    opt = AdamHD(ps, lr=lr_g, weight_decay=0.1, delta_mode="ema", backend="triton")
+    eager = AdamHD(qs, lr=lr_e, weight_decay=0.1, delta_mode="ema", backend="reference")
+    static_in = _tensors(shapes, 141)
+
+    def step():
+        for p, x in zip(ps, static_in):
+            p.grad = x * 2.0  # a fresh tensor (the graph's pool during capture), like backward's grads
+        opt.step()
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    for p, q in zip(ps, qs):
+        q.data.copy_(p.data)
+        eager.state[q] = {k: v.clone() for k, v in opt.state[p].items()}
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    K.clear_cache()
+    for i in range(K.CACHE_SIZE + 6):  # overfill the eager cache with other tensor sets
+        other = _tensors([(3 + i,)], 1000 + i)
+        F.adam_decay(other, _tensors([(3 + i,)], 2000 + i), _clone(other), [x.abs() for x in other],
+                     [torch.tensor(1.0, device="cuda")], None, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                     weight_decay=0.1, decay="l2", backend="triton")
+    for t in range(3):
+        new = _tensors(shapes, 142 + t)
+        for x, n, q in zip(static_in, new, qs):
+            x.copy_(n)
+            q.grad = n * 2.0
+        lr_g.fill_(0.01 * (t + 2))
+        lr_e.fill_(0.01 * (t + 2))
+        graph.replay()
+        eager.step()
+        for p, q in zip(ps, qs):
+            assert_close(p.detach(), q.detach(), dtype=torch.float32)
+            for k in ("exp_avg", "exp_avg_sq", "step", "delta_mu"):
+                assert_close(opt.state[p][k], eager.state[q][k], dtype=torch.float32, msg=k)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cpu_lr_refused_inside_capture():
+    shapes = [(129,)]
+    params, m, v, steps, mus = _state(shapes, seed=160)
+    grads = _tensors(shapes, 161)
+    kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decay="prox", delta_mode="ema")
+    F.adam_decay(params, grads, m, v, steps, mus, lr=torch.tensor(1e-3), backend="triton", **kw)  # eager: fine
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        with torch.cuda.graph(graph):
+            with pytest.raises(ValueError, match="captured in a CUDA graph"):
+                F.adam_decay(params, grads, m, v, steps, mus, lr=torch.tensor(1e-3), backend="triton", **kw)
+    torch.cuda.current_stream().wait_stream(side)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_launches_on_the_params_device():
+    shapes = [(4099,), (17,)]
+    params, m, v, steps, mus = (_clone(x) for x in _state(shapes, seed=170, device="cuda:1"))
+    ref = [_clone(params), _clone(m), _clone(v), _clone(steps), _clone(mus)]
+    grads = _tensors(shapes, 171, device="cuda:1")
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decay="prox", delta_mode="ema")
+    with torch.cuda.device(0):
+        F.adam_decay(params, grads, m, v, steps, mus, backend="triton", **kw)
+    F.adam_decay(ref[0], grads, ref[1], ref[2], ref[3], ref[4], backend="reference", **kw)
+    for name, got, exp in zip(("param", "exp_avg", "exp_avg_sq", "step", "delta_mu"), (params, m, v, steps, mus), ref):
+        _assert_lists_close(got, exp, name)

@@ -13,7 +13,9 @@ tensors (one device, one param dtype) in two launches:
    order: Σ|θ_t| per tensor with a fixed reduction order, so reruns are bit-identical (no atomics).
 
 The metadata buffer is built on the host once per distinct set of tensors and cached, keyed on
-data pointers, shapes, strides and dtypes: steady-state steps copy nothing host→device. Everything
+data pointers, sizes and dtypes: steady-state steps copy nothing host→device. On a miss it is uploaded
+from pinned memory without a host sync (also inside a CUDA-graph capture; plans a capture used are kept
+for the life of the process, since replays read them). Everything
 that changes per step reaches the kernel as device memory — the step counters (bias corrections are
 computed in-kernel from them), μ (δ = delta_scale·μ), lr / max_lr when they are tensors, grad_scale
 and found_inf — so a launch can be captured in a CUDA graph and replayed with a new lr.
@@ -29,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from ._device import on_device
 
 DECAY_IDS = {"l2": 0, "prox": 1, "euler": 2}
 
@@ -67,11 +71,22 @@ def _one_minus_pow(t, LOG2_BETA: tl.constexpr):
 
 
 @triton.jit
-def _adam_decay_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, lr, tau, delta, bc1, bc2, grad_scale,
+def _clip(x, d):
+    """clip(x, −d, d) with comparisons, so a NaN x stays NaN (as torch.clamp and the CUDA/CPU kernels)."""
+    return tl.where(x < -d, -d, tl.where(x > d, d, x))
+
+
+@triton.jit
+def _adam_decay_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, lr, tau, delta, grad_mul, inv_bc1, inv_sqrt_bc2,
                       beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
-                      DECAY: tl.constexpr, BIAS_CORRECTION: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-                      MAXIMIZE: tl.constexpr, MASKED: tl.constexpr, WRITE_ABS: tl.constexpr):
-    """Update one block in place; returns Σ|θ_t| over it (0 when not WRITE_ABS)."""
+                      DECAY: tl.constexpr, SCALE_GRAD: tl.constexpr, MASKED: tl.constexpr,
+                      WRITE_ABS: tl.constexpr):
+    """Update one block in place; returns Σ|θ_t| over it (0 when not WRITE_ABS).
+
+    The arithmetic is csrc/adam_decay_math.h's (the CUDA and CPU kernels'), with IEEE-rounded division
+    and square root (tl.div_rn / tl.sqrt_rn: Triton's ``/`` and ``tl.sqrt`` are approximate and flush
+    subnormals, which with eps = 0 turns a subnormal v into an infinite step).
+    """
     if MASKED:
         mask = offs < n
         theta = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)   # θ_{t−1}
@@ -83,26 +98,20 @@ def _adam_decay_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, lr, tau, delta, bc1, 
         g = tl.load(g_ptr + offs).to(tl.float32)
         m = tl.load(m_ptr + offs).to(tl.float32)
         v = tl.load(v_ptr + offs).to(tl.float32)
-    if HAS_GRAD_SCALE:
-        g = g / grad_scale
-    if MAXIMIZE:
-        g = -g
-    m = m * beta1 + g * one_minus_beta1                     # m_t
-    v = v * beta2 + one_minus_beta2 * (g * g)               # v_t
-    if BIAS_CORRECTION:
-        u = (m / bc1) / (tl.sqrt(v / bc2) + eps)            # u_t
-    else:
-        u = m / (tl.sqrt(v) + eps)
+    if SCALE_GRAD:
+        g = g * grad_mul                                     # ±1/grad_scale (GradScaler, maximize)
+    m = beta1 * m + one_minus_beta1 * g                      # m_t
+    v = beta2 * v + one_minus_beta2 * (g * g)                # v_t
+    denom = tl.sqrt_rn(v) * inv_sqrt_bc2 + eps
+    step = lr * tl.div_rn(m * inv_bc1, denom)                # γ_t u_t
     if DECAY == 0:    # l2 (AdamW / AdamC): θ(1 − τ) − γu
-        new = theta * (1.0 - tau) - lr * u
-    elif DECAY == 1:  # prox (AdamHD Eq. 17–18): prox_{τH_δ}(θ − γu)
-        y = theta - lr * u
-        one_plus_tau = 1.0 + tau
-        inside = tl.abs(y) <= one_plus_tau * delta
-        sign_y = tl.where(y > 0, 1.0, tl.where(y < 0, -1.0, 0.0))
-        new = tl.where(inside, y / one_plus_tau, y - tau * delta * sign_y)
+        new = theta * (1.0 - tau) - step
+    elif DECAY == 1:  # prox (AdamHD Eq. 17–18): prox_{τH_δ}(θ − γu) = y − τ·clip(y/(1+τ), −δ, δ)
+        y = theta - step
+        q = y * tl.div_rn(tl.full((), 1.0, tl.float32), 1.0 + tau)
+        new = y - tau * _clip(q, delta)
     else:             # euler (AdamHD Eq. 12): θ − γu − τ·clip(θ, −δ, δ)
-        new = theta - lr * u - tau * tl.minimum(tl.maximum(theta, -delta), delta)
+        new = theta - step - tau * _clip(theta, delta)
     # Storage rounding happens here (bf16 params / moments); Σ|θ_t| is taken of the stored value.
     new_p = new.to(p_ptr.dtype.element_ty)
     if MASKED:
@@ -164,23 +173,26 @@ def _adam_decay_kernel(meta_ptr, partials_ptr, lr_ptr, lr_value, max_lr_ptr, max
             max_lr = tl.load(max_lr_ptr).to(tl.float32)
         else:
             max_lr = tl.cast(max_lr_value, tl.float32)
-        tau = tau * (lr / max_lr)                            # τ = γ_t·λ·γ_t/γ_max (AdamC)
+        tau = tau * tl.div_rn(lr, max_lr)                    # τ = γ_t·λ·γ_t/γ_max (AdamC)
     if DELTA_FROM_MU:
         mu_ptr = _tensor_ptr(meta_ptr + 5 * n_tensors, tid, tl.float32, False)
         delta = delta_scale * tl.load(mu_ptr)                # δ^(l) = c·μ^(l)
     else:
         delta = tl.cast(delta_fixed, tl.float32)
+    one = tl.full((), 1.0, tl.float32)
     if BIAS_CORRECTION:
         t = tl.load(step_ptr)
-        bc1 = _one_minus_pow(t, LOG2_BETA1)
-        bc2 = _one_minus_pow(t, LOG2_BETA2)
+        inv_bc1 = tl.div_rn(one, _one_minus_pow(t, LOG2_BETA1))                  # 1/(1 − β1^t)
+        inv_sqrt_bc2 = tl.div_rn(one, tl.sqrt_rn(_one_minus_pow(t, LOG2_BETA2)))  # 1/sqrt(1 − β2^t)
     else:
-        bc1 = 1.0
-        bc2 = 1.0
+        inv_bc1 = one
+        inv_sqrt_bc2 = one
     if HAS_GRAD_SCALE:
-        grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
+        grad_mul = tl.div_rn(one, tl.load(grad_scale_ptr).to(tl.float32))
     else:
-        grad_scale = 1.0
+        grad_mul = one
+    if MAXIMIZE:
+        grad_mul = -grad_mul
 
     full = (chunk + 1) * BLOCK <= n
     skip = False
@@ -193,13 +205,13 @@ def _adam_decay_kernel(meta_ptr, partials_ptr, lr_ptr, lr_value, max_lr_ptr, max
             mask = offs < n
             total = tl.sum(tl.abs(tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)), axis=0)
     elif full:
-        total = _adam_decay_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, lr, tau, delta, bc1, bc2, grad_scale,
-                                  beta1, one_minus_beta1, beta2, one_minus_beta2, eps, DECAY, BIAS_CORRECTION,
-                                  HAS_GRAD_SCALE, MAXIMIZE, False, WRITE_ABS)
+        total = _adam_decay_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, lr, tau, delta, grad_mul, inv_bc1,
+                                  inv_sqrt_bc2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, DECAY,
+                                  HAS_GRAD_SCALE or MAXIMIZE, False, WRITE_ABS)
     else:
-        total = _adam_decay_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, lr, tau, delta, bc1, bc2, grad_scale,
-                                  beta1, one_minus_beta1, beta2, one_minus_beta2, eps, DECAY, BIAS_CORRECTION,
-                                  HAS_GRAD_SCALE, MAXIMIZE, True, WRITE_ABS)
+        total = _adam_decay_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, lr, tau, delta, grad_mul, inv_bc1,
+                                  inv_sqrt_bc2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, DECAY,
+                                  HAS_GRAD_SCALE or MAXIMIZE, True, WRITE_ABS)
     if WRITE_ABS:
         tl.store(partials_ptr + pid, total)
 
@@ -231,10 +243,13 @@ class _Plan:
     """
 
     __slots__ = ("meta", "partials", "n_tensors", "n_blocks", "first_block_offset", "out_index_offset",
-                 "block_map_offset", "dtypes", "aligned", "has_mu", "block")
+                 "block_map_offset", "dtypes", "aligned", "has_mu", "block", "host", "stream")
 
-    def __init__(self, meta, partials, n_tensors, n_blocks, dtypes, aligned, has_mu, block):
+    def __init__(self, meta, partials, n_tensors, n_blocks, dtypes, aligned, has_mu, block, host=None, stream=None):
         self.meta, self.partials = meta, partials
+        # The pinned host copy of ``meta`` (CUDA): a copy captured in a CUDA graph re-reads it at every
+        # replay, so it lives as long as the plan. ``stream``: where meta/partials were allocated.
+        self.host, self.stream = host, stream
         self.n_tensors, self.n_blocks = n_tensors, n_blocks
         self.first_block_offset = len(_ROWS) * n_tensors
         self.out_index_offset = self.first_block_offset + n_tensors + 1
@@ -243,11 +258,22 @@ class _Plan:
 
 
 _PLAN_CACHE: "OrderedDict[tuple, List[_Plan]]" = OrderedDict()
+# Plans that a CUDA graph captured: a replay reads their device metadata (and the captured upload re-reads
+# the pinned host copy), so they are never evicted or freed (like the CUDA backend's captured tables).
+_CAPTURED_PLANS: List[List[_Plan]] = []
+_CAPTURED_IDS: set = set()
 
 
 def clear_cache() -> None:
-    """Drop all cached device metadata (e.g. after re-creating an optimizer under a captured graph)."""
+    """Drop the cached device metadata of eager steps. Plans used inside a CUDA-graph capture are kept:
+    a graph replay still reads them (they are freed only at process exit)."""
     _PLAN_CACHE.clear()
+
+
+def _keep_for_graph(plans: List[_Plan]) -> None:
+    if id(plans) not in _CAPTURED_IDS:
+        _CAPTURED_IDS.add(id(plans))
+        _CAPTURED_PLANS.append(plans)
 
 
 def _storage_order(t: Tensor) -> Optional[Tuple[int, ...]]:
@@ -331,12 +357,22 @@ def _build_plans(device, params, grads, exp_avgs, exp_avg_sqs, state_steps, delt
         block_map = torch.stack([tensor_of_block, chunk_of_block], dim=1).reshape(-1)
         host = torch.cat([torch.tensor(rows, dtype=torch.int64).reshape(-1), first_block,
                           torch.tensor(idx, dtype=torch.int64), block_map])
-        meta = host.to(device)  # the one host→device copy, on a cache miss only
+        stream = None
+        if device.type == "cuda":
+            # Pinned + non_blocking: no host sync, and legal inside a CUDA-graph capture (torch's pinned
+            # allocator serves captures from a private pool); the plan keeps ``host`` alive.
+            host = host.pin_memory()
+            meta = torch.empty(host.shape, dtype=host.dtype, device=device)
+            meta.copy_(host, non_blocking=True)
+            stream = torch.cuda.current_stream(device)
+        else:
+            meta = host.to(device)  # CPU (the interpreter): no copy at all
         partials = torch.empty(max(n_blocks, 1), dtype=torch.float32, device=device)
         # 16-byte aligned bases let the kernel use 128-bit loads; a misaligned view just runs scalar.
         aligned = all(ptr % 16 == 0 for r in range(4) for ptr in rows[r])
         dtypes = (_TL_DTYPES[params[idx[0]].dtype], _TL_DTYPES[g_dt], _TL_DTYPES[m_dt], _TL_DTYPES[v_dt])
-        plans.append(_Plan(meta, partials, n, n_blocks, dtypes, aligned, delta_mus is not None, block))
+        plans.append(_Plan(meta, partials, n, n_blocks, dtypes, aligned, delta_mus is not None, block,
+                           host if device.type == "cuda" else None, stream))
     return plans
 
 
@@ -353,28 +389,63 @@ def _cache_key(device, block, params, grads, exp_avgs, exp_avg_sqs, state_steps,
             tuple(map(_DTYPE_OF, exp_avg_sqs)))
 
 
-def _plans_for(device, block, params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, cache: bool):
+_NUMEL_FIELD = 8  # position of the params' sizes in the key above
+
+
+def _plans_for(device, block, params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, cache: bool,
+               capturing: bool = False):
     if not cache:
-        return _build_plans(device, params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, block)
-    key = _cache_key(device, block, params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus)
-    plans = _PLAN_CACHE.get(key)
-    if plans is None:
         plans = _build_plans(device, params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, block)
-        _PLAN_CACHE[key] = plans
-        while len(_PLAN_CACHE) > CACHE_SIZE:
-            _PLAN_CACHE.popitem(last=False)
     else:
-        _PLAN_CACHE.move_to_end(key)
+        key = _cache_key(device, block, params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus)
+        plans = _PLAN_CACHE.get(key)
+        if plans is None:
+            plans = _build_plans(device, params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, block)
+            _PLAN_CACHE[key] = plans
+            while len(_PLAN_CACHE) > CACHE_SIZE:
+                _PLAN_CACHE.popitem(last=False)
+        else:
+            # The key holds the params' sizes; a grad of another size at a recycled address must not pass.
+            if tuple(map(Tensor.numel, grads)) != key[_NUMEL_FIELD]:
+                _check_tensors(device, params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus)
+            _PLAN_CACHE.move_to_end(key)
+    if capturing:
+        _keep_for_graph(plans)
+    if device.type == "cuda":
+        cur = torch.cuda.current_stream(device)
+        for plan in plans:
+            if plan.stream is not None and plan.stream != cur:
+                # Used on another stream than the one it was allocated on: tell the allocator, so that
+                # freeing the plan (cache eviction) cannot hand the memory out while this stream reads it.
+                plan.meta.record_stream(cur)
+                plan.partials.record_stream(cur)
     return plans
 
 
-def _device_scalar(name: str, x, device) -> Tuple[Optional[Tensor], float]:
-    """(tensor on ``device``, 0.0) for a tensor hyperparameter, (None, value) for a number."""
+def _device_scalar(name: str, x, device, capturing: bool = False) -> Tuple[Optional[Tensor], float]:
+    """(tensor, 0.0) for a tensor hyperparameter on the params' device; (None, value) for a number, or for a
+    CPU tensor with GPU params (read on the host: no device sync, as the CUDA backend does)."""
     if isinstance(x, Tensor):
         if x.numel() != 1:
             raise ValueError(f"Invalid {name}: a tensor {name} must hold one element, got shape {tuple(x.shape)}")
-        return (x if x.device == device else x.to(device)), 0.0
+        if x.device == device:
+            return x, 0.0
+        if x.device.type == "cpu":
+            if capturing:
+                raise ValueError(f"Invalid {name}: a CPU tensor while the step is being captured in a CUDA graph "
+                                 f"(its value would be frozen into the graph); put {name} on {device}")
+            return None, float(x)
+        raise ValueError(f"Invalid {name}: on {x.device}, params on {device}")
     return None, float(x)
+
+
+def _device_tensor(name: str, x: Tensor, device) -> Tensor:
+    """grad_scale / found_inf: one-element tensors on the params' device (where GradScaler keeps them)."""
+    if x.numel() != 1:
+        raise ValueError(f"Invalid {name}: expected a tensor with one element, got shape {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"Invalid {name}: on {x.device}, params on {device}")
+    return x
 
 
 def _log2_beta(name: str, beta: float) -> float:
@@ -425,35 +496,38 @@ def adam_decay(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
         for i in staged:
             params[i], grads[i] = params[i].contiguous(), grads[i].contiguous()
             exp_avgs[i], exp_avg_sqs[i] = exp_avgs[i].contiguous(), exp_avg_sqs[i].contiguous()
-    plans = _plans_for(device, block, params, grads, exp_avgs, exp_avg_sqs, state_steps, mus, cache=not staged)
-
-    lr_t, lr_v = _device_scalar("lr", lr, device)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    lr_t, lr_v = _device_scalar("lr", lr, device, capturing)
     corrected = max_lr is not None
-    max_lr_t, max_lr_v = _device_scalar("max_lr", max_lr, device) if corrected else (None, 1.0)
-    gs_t = _device_scalar("grad_scale", grad_scale, device)[0] if grad_scale is not None else None
-    fi_t = _device_scalar("found_inf", found_inf, device)[0] if found_inf is not None else None
+    max_lr_t, max_lr_v = _device_scalar("max_lr", max_lr, device, capturing) if corrected else (None, 1.0)
+    gs_t = _device_tensor("grad_scale", grad_scale, device) if grad_scale is not None else None
+    fi_t = _device_tensor("found_inf", found_inf, device) if found_inf is not None else None
     log2_beta1, log2_beta2 = _log2_beta("beta1", beta1), _log2_beta("beta2", beta2)
     warps = int(num_warps or DEFAULT_NUM_WARPS)
 
-    for plan in plans:
-        dummy = plan.partials  # stands in for pointer arguments a specialization never reads
-        if plan.n_blocks > 0:
-            _adam_decay_kernel[(plan.n_blocks,)](
-                plan.meta, plan.partials, lr_t if lr_t is not None else dummy, lr_v,
-                max_lr_t if max_lr_t is not None else dummy, max_lr_v,
-                gs_t if gs_t is not None else dummy, fi_t if fi_t is not None else dummy,
-                float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps),
-                float(weight_decay), float(delta_fixed) if (uses_delta and not delta_from_mu) else 0.0,
-                float(delta_scale), plan.n_tensors, plan.block_map_offset,
-                P_DTYPE=plan.dtypes[0], G_DTYPE=plan.dtypes[1], M_DTYPE=plan.dtypes[2], V_DTYPE=plan.dtypes[3],
-                DECAY=DECAY_IDS[decay], DELTA_FROM_MU=delta_from_mu, LR_IS_PTR=lr_t is not None,
-                CORRECTED=corrected, MAX_LR_IS_PTR=max_lr_t is not None, HAS_GRAD_SCALE=gs_t is not None,
-                HAS_FOUND_INF=fi_t is not None, BIAS_CORRECTION=bool(bias_correction),
-                LOG2_BETA1=log2_beta1, LOG2_BETA2=log2_beta2, MAXIMIZE=bool(maximize),
-                WRITE_ABS=abs_sums is not None, ALIGNED=plan.aligned, BLOCK=plan.block, num_warps=warps)
-        if abs_sums is not None:
-            _ordered_abs_sum_kernel[(plan.n_tensors,)](plan.partials, plan.meta, plan.first_block_offset,
-                                                       plan.out_index_offset, abs_sums, RBLOCK=REDUCE_BLOCK)
+    # Triton launches on the current device's current stream: make that the params' device.
+    with on_device(device):
+        plans = _plans_for(device, block, params, grads, exp_avgs, exp_avg_sqs, state_steps, mus,
+                           cache=not staged, capturing=capturing)
+        for plan in plans:
+            dummy = plan.partials  # stands in for pointer arguments a specialization never reads
+            if plan.n_blocks > 0:
+                _adam_decay_kernel[(plan.n_blocks,)](
+                    plan.meta, plan.partials, lr_t if lr_t is not None else dummy, lr_v,
+                    max_lr_t if max_lr_t is not None else dummy, max_lr_v,
+                    gs_t if gs_t is not None else dummy, fi_t if fi_t is not None else dummy,
+                    float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps),
+                    float(weight_decay), float(delta_fixed) if (uses_delta and not delta_from_mu) else 0.0,
+                    float(delta_scale), plan.n_tensors, plan.block_map_offset,
+                    P_DTYPE=plan.dtypes[0], G_DTYPE=plan.dtypes[1], M_DTYPE=plan.dtypes[2], V_DTYPE=plan.dtypes[3],
+                    DECAY=DECAY_IDS[decay], DELTA_FROM_MU=delta_from_mu, LR_IS_PTR=lr_t is not None,
+                    CORRECTED=corrected, MAX_LR_IS_PTR=max_lr_t is not None, HAS_GRAD_SCALE=gs_t is not None,
+                    HAS_FOUND_INF=fi_t is not None, BIAS_CORRECTION=bool(bias_correction),
+                    LOG2_BETA1=log2_beta1, LOG2_BETA2=log2_beta2, MAXIMIZE=bool(maximize),
+                    WRITE_ABS=abs_sums is not None, ALIGNED=plan.aligned, BLOCK=plan.block, num_warps=warps)
+            if abs_sums is not None:
+                _ordered_abs_sum_kernel[(plan.n_tensors,)](plan.partials, plan.meta, plan.first_block_offset,
+                                                           plan.out_index_offset, abs_sums, RBLOCK=REDUCE_BLOCK)
 
     if staged:
         for i, p, m, v in originals:

@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._device import on_device
+
 _BLOCK = 1024
 
 
@@ -97,8 +99,9 @@ def momentum_to_stack(grad: Tensor, buf: Tensor, slot: Tensor, *, alpha: float, 
     su_r, su_c = (slot.stride(1), slot.stride(0)) if tall else (slot.stride(0), slot.stride(1))
     n = buf.numel()
     if n:
-        _momentum_to_stack_kernel[_grid(n)](grad, buf, slot, n, cols, su_r, su_c, float(alpha),
-                                            -1.0 if maximize else 1.0, NESTEROV=bool(nesterov), BLOCK=_BLOCK)
+        with on_device(buf.device):
+            _momentum_to_stack_kernel[_grid(n)](grad, buf, slot, n, cols, su_r, su_c, float(alpha),
+                                                -1.0 if maximize else 1.0, NESTEROV=bool(nesterov), BLOCK=_BLOCK)
 
 
 def apply_direction(param: Tensor, slot: Tensor, *, keep: float, step: float) -> None:
@@ -111,7 +114,8 @@ def apply_direction(param: Tensor, slot: Tensor, *, keep: float, step: float) ->
     sd_r, sd_c = (slot.stride(1), slot.stride(0)) if tall else (slot.stride(0), slot.stride(1))
     n = param.numel()
     if n:
-        _apply_direction_kernel[_grid(n)](param, slot, n, cols, sd_r, sd_c, float(keep), float(step), BLOCK=_BLOCK)
+        with on_device(param.device):
+            _apply_direction_kernel[_grid(n)](param, slot, n, cols, sd_r, sd_c, float(keep), float(step), BLOCK=_BLOCK)
 
 
 def sign_step(param: Tensor, grad: Tensor, buf: Tensor, *, alpha: float, keep: float, step: float,
@@ -122,8 +126,9 @@ def sign_step(param: Tensor, grad: Tensor, buf: Tensor, *, alpha: float, keep: f
         raise ValueError("param, grad and momentum_buffer must have the same shape")
     n = param.numel()
     if n:
-        _sign_step_kernel[_grid(n)](param, grad, buf, n, float(alpha), -1.0 if maximize else 1.0, float(keep),
-                                    float(step), NESTEROV=bool(nesterov), BLOCK=_BLOCK)
+        with on_device(param.device):
+            _sign_step_kernel[_grid(n)](param, grad, buf, n, float(alpha), -1.0 if maximize else 1.0, float(keep),
+                                        float(step), NESTEROV=bool(nesterov), BLOCK=_BLOCK)
 
 
 __all__ = ["momentum_to_stack", "apply_direction", "sign_step"]

@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._device import on_device
+
 
 @triton.jit
 def _symmetric_matmul_kernel(x_ptr, y_ptr, c_ptr, M, K,
@@ -66,10 +68,12 @@ def _config(M: int, dtype: torch.dtype, device: torch.device):
     """(BLOCK, BLOCK_K, num_warps, num_stages). Untuned on GPU: bench/bench_newton_schulz.py measures it."""
     if device.type != "cuda":          # interpreter: small tiles keep numpy work small
         return 32, 32, 1, 1
-    stages = 2 if dtype == torch.float32 else 3   # fp32 tiles are twice the shared memory
+    if dtype == torch.float32:
+        # fp32 (IEEE dot, no tensor cores): a 128×128 accumulator with 8 warps spills registers on sm_90.
+        return 64, 32, 4, 2
     if M >= 1024:
-        return 128, 64, 8, stages
-    return 64, 64, 4, stages
+        return 128, 64, 8, 3
+    return 64, 64, 4, 3
 
 
 def symmetric_matmul(x: Tensor, alpha: float = 1.0, beta: float = 0.0, add: Optional[Tensor] = None,
@@ -100,10 +104,11 @@ def symmetric_matmul(x: Tensor, alpha: float = 1.0, beta: float = 0.0, add: Opti
     block, block_k, warps, stages = _config(M, x.dtype, x.device)
     tiles = triton.cdiv(M, block)
     grid = (tiles * (tiles + 1) // 2, n)
-    _symmetric_matmul_kernel[grid](
-        x3, add3, out3, M, K, *x3.stride(), *add3.stride(), *out3.stride(), float(alpha), float(beta),
-        HAS_Y=add is not None, IEEE=x.dtype == torch.float32, BLOCK=block, BLOCK_K=block_k,
-        num_warps=warps, num_stages=stages)
+    with on_device(x.device):
+        _symmetric_matmul_kernel[grid](
+            x3, add3, out3, M, K, *x3.stride(), *add3.stride(), *out3.stride(), float(alpha), float(beta),
+            HAS_Y=add is not None, IEEE=x.dtype == torch.float32, BLOCK=block, BLOCK_K=block_k,
+            num_warps=warps, num_stages=stages)
     return out3.squeeze(0) if squeeze else out3
 
 

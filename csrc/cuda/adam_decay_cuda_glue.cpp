@@ -2,6 +2,7 @@
 // csrc/ops.cpp; load fusedecay._C first). Validation, the work table and the scalar handling are the
 // shared csrc/glue.h; the kernels are the torch-free adam_decay_cuda.cu.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -62,6 +63,18 @@ void adam_decay_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(prep.device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(prep.device.index()).stream();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) {
+    // A CPU lr is read on the host (no device sync); inside a capture that value would be frozen
+    // into the graph and later changes silently ignored at replay.
+    TORCH_CHECK_VALUE(!(lr_tensor.has_value() && lr_tensor->is_cpu()),
+                      "Invalid lr: a CPU tensor while the step is being captured in a CUDA graph (its value would "
+                      "be frozen into the graph); put lr on ", prep.device);
+    TORCH_CHECK_VALUE(!(max_lr_tensor.has_value() && max_lr_tensor->is_cpu()),
+                      "Invalid max_lr: a CPU tensor while the step is being captured in a CUDA graph (its value "
+                      "would be frozen into the graph); put max_lr on ", prep.device);
+  }
   const ScalarInputs sc = prepare_scalars(prep, lr, lr_tensor, max_lr, max_lr_tensor, grad_scale, found_inf);
   if (prep.math_dtype == at::kDouble) {
     launch_cuda<double>(prep, sc, abs_sums, beta1, beta2, eps, weight_decay, delta_fixed, delta_scale,
