@@ -271,3 +271,28 @@ def test_scalar_tensor_devices():
                 cpp.adam_decay(st.params, grads[0], st.exp_avgs, st.exp_avg_sqs, st.steps, st.mus, None,
                                **hyper("prox", lr=torch.tensor(3e-3)))
     torch.cuda.current_stream().wait_stream(side)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
+def test_params_on_two_gpus_with_one_grad_scaler(backend):
+    """GradScaler keeps grad_scale / found_inf (and here lr) on cuda:0; buckets on cuda:1 get their own copies."""
+    from fusedecay import functional as F
+    if backend == "triton":
+        pytest.importorskip("triton")
+    shapes = [(4097,), (33,)]
+    st0 = make_state(shapes, torch.float32, device="cuda:0")
+    st1 = make_state(shapes, torch.float32, device="cuda:1", seed=1)
+    ref = [make_state(shapes, torch.float32, device="cuda:0"), make_state(shapes, torch.float32, device="cuda:0", seed=1)]
+    grads = [g * 256.0 for g in make_grads(shapes, 1, torch.float32, device="cuda:0")[0]]
+    kw = dict(lr=torch.tensor(1e-2, device="cuda:0"), beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+              decay="prox", delta_mode="ema", grad_scale=torch.tensor(256.0, device="cuda:0"),
+              found_inf=torch.tensor(0.0, device="cuda:0"))
+    F.adam_decay(st0.params + st1.params, grads + [g.to("cuda:1") for g in grads], st0.exp_avgs + st1.exp_avgs,
+                 st0.exp_avg_sqs + st1.exp_avg_sqs, st0.steps + st1.steps, st0.mus + st1.mus, backend=backend, **kw)
+    for r in ref:
+        F.adam_decay(r.params, grads, r.exp_avgs, r.exp_avg_sqs, r.steps, r.mus, backend="reference", **kw)
+    for got, want in ((st0, ref[0]), (st1, ref[1])):
+        for name in ("params", "exp_avgs", "exp_avg_sqs", "steps", "mus"):
+            for a, b in zip(getattr(got, name), getattr(want, name)):
+                assert_close(a.to("cuda:0"), b, torch.float32, msg=name)

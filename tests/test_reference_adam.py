@@ -358,6 +358,14 @@ BAD = [
     (dict(delta_mode="median"), ValueError, "delta_mode"),
     (dict(backend="cuda-ish"), ValueError, "backend"),
     (dict(max_lr=0.0, corrected=True), ValueError, "max_lr"),
+    # Only lr and max_lr may be tensors: the kernels take the others as scalars (a tensor would be a host read
+    # at every step, a device sync on GPU).
+    (dict(betas=(torch.tensor(0.9), 0.999)), TypeError, r"betas\[0\]"),
+    (dict(eps=torch.tensor(1e-8)), TypeError, "eps"),
+    (dict(weight_decay=torch.tensor(0.1)), TypeError, "weight_decay"),
+    (dict(delta_scale=torch.tensor(1.0)), TypeError, "delta_scale"),
+    (dict(delta_beta=torch.tensor(0.9)), TypeError, "delta_beta"),
+    (dict(delta_mode="fixed", delta=torch.tensor(0.1)), TypeError, "delta"),
 ]
 
 
@@ -422,3 +430,8 @@ def test_fp32_moments_for_bf16_params(backend):
 def test_bad_moment_dtype_raises():
     with pytest.raises(ValueError, match="moment_dtype"):
         AdamC([torch.nn.Parameter(torch.randn(3))], moment_dtype=torch.int32)
+
+
+def test_tensor_lr_and_max_lr_are_accepted():
+    p = make_params(15, shapes=[(3,)])
+    AdamC(p, lr=torch.tensor(1e-3), max_lr=torch.tensor(2e-3)).step()

@@ -241,6 +241,12 @@ def test_scionc_bad_input_raises(kwargs, name):
         ScionC([torch.nn.Parameter(torch.randn(shape))], **kwargs)
 
 
+@pytest.mark.parametrize("name", ["momentum", "radius", "norm_target"])
+def test_scionc_tensor_hyperparameters_other_than_lr_raise(name):
+    with pytest.raises(TypeError, match=name):
+        ScionC([torch.nn.Parameter(torch.randn(4, 3))], **{name: torch.tensor(0.5)})
+
+
 def test_scionc_spectral_on_1d_group_added_later_raises_and_changes_nothing():
     opt = ScionC([torch.nn.Parameter(torch.randn(4, 3))])
     with pytest.raises(ValueError, match="2-D"):

@@ -143,13 +143,14 @@ def _reference_steps(params, grads_per_step, bufs, **kw):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("tensor_lr", [False, True])
 @pytest.mark.parametrize("lmo,ns,nesterov,maximize,corrected", [
     ("spectral", "classic", False, False, True),
     ("spectral", "polar_express", True, True, False),
     ("sign", "classic", True, False, True),
     ("sign", "classic", False, True, False),
 ])
-def test_triton_step_matches_reference(lmo, ns, nesterov, maximize, corrected):
+def test_triton_step_matches_reference(lmo, ns, nesterov, maximize, corrected, tensor_lr):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(4)
     params = [torch.randn(s, generator=gen).to(device) for s in SMALL]
@@ -159,9 +160,13 @@ def test_triton_step_matches_reference(lmo, ns, nesterov, maximize, corrected):
     hyper = dict(lr=0.03, momentum=0.2, radius=1.5, norm_target=1.5, corrected=corrected,
                  weight_decay=0.0 if corrected else 0.1, ns_steps=5, ns=ns, ns_dtype=torch.float32,
                  nesterov=nesterov, maximize=maximize)
-    for gs in grads:
-        fast._step_triton(params, gs, bufs, lmo=lmo, **hyper)
-    _reference_steps(p_ref, grads, b_ref, lmo_kind=lmo, **hyper)
+    lrs = [0.03, 0.02, 0.01]
+    lr_t = torch.tensor(lrs[0], device=device)
+    for gs, lr in zip(grads, lrs):
+        lr_t.fill_(lr)  # a tensor lr is read by the kernels (the value written here, as a scheduler would)
+        fast._step_triton(params, gs, bufs, lmo=lmo, **dict(hyper, lr=lr_t if tensor_lr else lr))
+    for gs, lr in zip(grads, lrs):
+        _reference_steps(p_ref, [gs], b_ref, lmo_kind=lmo, **dict(hyper, lr=lr))
     for p, r in zip(params, p_ref):
         assert_close(p, r)
     for b, r in zip(bufs, b_ref):
@@ -198,3 +203,42 @@ def test_cuda_batched_class_within_band(dtype):
     fused, _ = _train("batched", dtype=dtype, device="cuda", steps=4)
     for name in ref64:
         assert_low_precision_ok(fused[name].detach(), eager[name].detach(), ref64[name].detach(), what=name)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replay_with_tensor_lr():
+    """A device lr keeps ScionC on the Triton path and can be captured: replays see the new lr."""
+    shapes = [(64, 96), (96, 64), (32, 32)]
+    gen = torch.Generator().manual_seed(9)
+    init = [torch.randn(s, generator=gen) * 0.05 for s in shapes]
+    ps = [torch.nn.Parameter(x.cuda()) for x in init]
+    qs = [torch.nn.Parameter(x.cuda()) for x in init]
+    lr_g, lr_e = torch.tensor(0.02, device="cuda"), torch.tensor(0.02, device="cuda")
+    opt = ScionC(ps, lr=lr_g, lmo="spectral", radius=2.0, backend="batched", ns_dtype=torch.float32)
+    ref = ScionC(qs, lr=lr_e, lmo="spectral", radius=2.0, backend="reference", ns_dtype=torch.float32)
+    static = [torch.randn(s, generator=gen).cuda() for s in shapes]
+    for p, g in zip(ps, static):
+        p.grad = g
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    for p, q, g in zip(ps, qs, static):
+        q.grad = g.clone()
+    ref.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for t, lr in enumerate((0.01, 0.005)):
+        new = [torch.randn(s, generator=gen).cuda() for s in shapes]
+        for g, n, q in zip(static, new, qs):
+            g.copy_(n)
+            q.grad = n.clone()
+        lr_g.fill_(lr)
+        lr_e.fill_(lr)
+        graph.replay()
+        ref.step()
+        for p, q in zip(ps, qs):
+            assert_close(p.detach(), q.detach(), dtype=torch.float32, msg=f"replay {t}")

@@ -12,8 +12,9 @@ One pass over each tensor's memory per kernel, fp32 math, storage in the tensor'
 * :func:`sign_step` — the whole step of a ``sign`` group in one pass: momentum, sign LMO, sign/d_in,
   decay and update.
 
-The host launchers take Python floats only (a tensor lr goes through the torch path), so nothing here
-reads a device value on the host.
+``keep`` and ``step`` are Python floats, or (a tensor lr: CUDA graphs, schedulers writing into it) 0-d
+fp32 tensors on the params' device that the kernels read from memory; ``step_mul`` is a per-tensor constant
+factor (sqrt(d_out/d_in) or 1/d_in) applied in the kernel. Nothing here reads a device value on the host.
 """
 from __future__ import annotations
 
@@ -46,7 +47,21 @@ def _momentum_to_stack_kernel(g_ptr, m_ptr, u_ptr, N, n_cols, su_r, su_c, alpha,
 
 
 @triton.jit
-def _apply_direction_kernel(p_ptr, d_ptr, N, n_cols, sd_r, sd_c, keep, step, BLOCK: tl.constexpr):
+def _load_keep_step(keep_ptr, step_ptr, keep, step, step_mul, FROM_MEMORY: tl.constexpr):
+    """(keep, step·step_mul) in fp32, from device memory or from the scalar arguments."""
+    if FROM_MEMORY:
+        keep = tl.load(keep_ptr).to(tl.float32)
+        step = tl.load(step_ptr).to(tl.float32)
+    else:
+        keep = tl.cast(keep, tl.float32)
+        step = tl.cast(step, tl.float32)
+    return keep, step * tl.cast(step_mul, tl.float32)
+
+
+@triton.jit
+def _apply_direction_kernel(p_ptr, d_ptr, N, n_cols, sd_r, sd_c, keep_ptr, step_ptr, keep, step, step_mul,
+                            FROM_MEMORY: tl.constexpr, BLOCK: tl.constexpr):
+    keep, step = _load_keep_step(keep_ptr, step_ptr, keep, step, step_mul, FROM_MEMORY)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     r = offs // n_cols
@@ -58,8 +73,9 @@ def _apply_direction_kernel(p_ptr, d_ptr, N, n_cols, sd_r, sd_c, keep, step, BLO
 
 
 @triton.jit
-def _sign_step_kernel(p_ptr, g_ptr, m_ptr, N, alpha, gsign, keep, step,
-                      NESTEROV: tl.constexpr, BLOCK: tl.constexpr):
+def _sign_step_kernel(p_ptr, g_ptr, m_ptr, N, alpha, gsign, keep_ptr, step_ptr, keep, step, step_mul,
+                      NESTEROV: tl.constexpr, FROM_MEMORY: tl.constexpr, BLOCK: tl.constexpr):
+    keep, step = _load_keep_step(keep_ptr, step_ptr, keep, step, step_mul, FROM_MEMORY)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * gsign
@@ -104,31 +120,51 @@ def momentum_to_stack(grad: Tensor, buf: Tensor, slot: Tensor, *, alpha: float, 
                                                 -1.0 if maximize else 1.0, NESTEROV=bool(nesterov), BLOCK=_BLOCK)
 
 
-def apply_direction(param: Tensor, slot: Tensor, *, keep: float, step: float) -> None:
-    """θ ← keep·θ − step·D, D read from ``slot`` (the wide-oriented NS output for this matrix)."""
+def _scalars(keep, step, like: Tensor):
+    """Kernel arguments (keep_ptr, step_ptr, keep, step, FROM_MEMORY) for floats or 0-d device tensors."""
+    if isinstance(keep, Tensor) or isinstance(step, Tensor):
+        if not (isinstance(keep, Tensor) and isinstance(step, Tensor)):
+            raise ValueError("keep and step must both be floats or both be tensors")
+        for name, t in (("keep", keep), ("step", step)):
+            if t.numel() != 1 or t.device != like.device or t.dtype != torch.float32:
+                raise ValueError(f"{name}: expected a one-element float32 tensor on {like.device}, got "
+                                 f"{t.dtype} {tuple(t.shape)} on {t.device}")
+        return keep, step, 0.0, 0.0, True
+    return like, like, float(keep), float(step), False
+
+
+def apply_direction(param: Tensor, slot: Tensor, *, keep, step, step_mul: float = 1.0) -> None:
+    """θ ← keep·θ − (step·step_mul)·D, D read from ``slot`` (the wide-oriented NS output for this matrix).
+
+    ``keep``/``step``: floats, or 0-d fp32 tensors on the param's device (read by the kernel)."""
     _check_contiguous(param=param)
     rows, cols = param.shape
     tall = rows > cols
     if tuple(slot.shape) != ((cols, rows) if tall else (rows, cols)):
         raise ValueError(f"slot shape {tuple(slot.shape)} does not fit a {tuple(param.shape)} matrix oriented wide")
     sd_r, sd_c = (slot.stride(1), slot.stride(0)) if tall else (slot.stride(0), slot.stride(1))
+    kp, sp, kv, sv, from_memory = _scalars(keep, step, param)
     n = param.numel()
     if n:
         with on_device(param.device):
-            _apply_direction_kernel[_grid(n)](param, slot, n, cols, sd_r, sd_c, float(keep), float(step), BLOCK=_BLOCK)
+            _apply_direction_kernel[_grid(n)](param, slot, n, cols, sd_r, sd_c, kp, sp, kv, sv, float(step_mul),
+                                              FROM_MEMORY=from_memory, BLOCK=_BLOCK)
 
 
-def sign_step(param: Tensor, grad: Tensor, buf: Tensor, *, alpha: float, keep: float, step: float,
-              nesterov: bool, maximize: bool) -> None:
-    """One whole ``sign``-LMO step on one tensor: step = s/d_in, keep = 1 − η_t."""
+def sign_step(param: Tensor, grad: Tensor, buf: Tensor, *, alpha: float, keep, step, nesterov: bool,
+              maximize: bool, step_mul: float = 1.0) -> None:
+    """One whole ``sign``-LMO step on one tensor: step·step_mul = s/d_in, keep = 1 − η_t (floats or 0-d
+    fp32 tensors on the param's device)."""
     _check_contiguous(param=param, grad=grad, momentum_buffer=buf)
     if not (param.shape == grad.shape == buf.shape):
         raise ValueError("param, grad and momentum_buffer must have the same shape")
+    kp, sp, kv, sv, from_memory = _scalars(keep, step, param)
     n = param.numel()
     if n:
         with on_device(param.device):
-            _sign_step_kernel[_grid(n)](param, grad, buf, n, float(alpha), -1.0 if maximize else 1.0, float(keep),
-                                        float(step), NESTEROV=bool(nesterov), BLOCK=_BLOCK)
+            _sign_step_kernel[_grid(n)](param, grad, buf, n, float(alpha), -1.0 if maximize else 1.0, kp, sp, kv, sv,
+                                        float(step_mul), NESTEROV=bool(nesterov), FROM_MEMORY=from_memory,
+                                        BLOCK=_BLOCK)
 
 
 __all__ = ["momentum_to_stack", "apply_direction", "sign_step"]

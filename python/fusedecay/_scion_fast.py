@@ -8,7 +8,8 @@ It provides two ops for :func:`fusedecay.functional.scionc`:
 * ``scionc`` — a whole group step. Two implementations of the same function:
     - torch path (CPU, and anywhere the Triton one does not apply): foreach ops in the reference's
       order (fp32/fp64 math), batched NS. On CPU in fp32 it is bit-identical to the reference.
-    - Triton path (CUDA, float lr, contiguous fp32/bf16/fp16 params, spectral or sign groups):
+    - Triton path (CUDA, contiguous fp32/bf16/fp16 params, spectral or sign groups; lr a float or a
+      tensor — a device lr is read by the kernels, so the step can be captured in a CUDA graph):
       :mod:`fusedecay.triton_kernels.scion_update` fuses momentum, Nesterov, cast, transpose and
       stacking into one pass that writes the NS input; NS runs batched in ``ns_dtype``; a second pass
       applies decay, spectral scale and update. A sign group is one pass per tensor.
@@ -48,10 +49,12 @@ def scion_directions(inputs: List[Tensor], *, lmo: str, ns_steps: int, ns: str,
 
 
 def _triton_applies(params: List[Tensor], grads: List[Tensor], bufs: List[Tensor], lr, lmo: str) -> bool:
-    if _tk is None or isinstance(lr, Tensor) or lmo not in ("spectral", "sign"):
+    if _tk is None or lmo not in ("spectral", "sign"):
         return False
     p0 = params[0]
     if p0.device.type != "cuda" or p0.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if isinstance(lr, Tensor) and lr.device != p0.device and lr.device.type != "cpu":
         return False
     return all(t.is_contiguous() for lst in (params, grads, bufs) for t in lst)
 
@@ -106,14 +109,30 @@ def _step_torch(params, grads, bufs, *, lr, momentum, lmo, radius, norm_target, 
 
 def _step_triton(params, grads, bufs, *, lr, momentum, lmo, radius, norm_target, corrected, weight_decay, ns_steps,
                  ns, ns_dtype, nesterov, maximize) -> None:
-    s = lr * radius
-    eta = _ref.scion_decay(s, momentum=momentum, norm_target=norm_target, corrected=corrected, lr=lr,
-                           weight_decay=weight_decay, nesterov=nesterov)
-    keep = 1.0 - eta
+    device = params[0].device
+    if isinstance(lr, Tensor) and lr.device != device:  # a CPU lr with GPU params (_triton_applies)
+        if torch.cuda.is_current_stream_capturing():
+            raise ValueError(f"Invalid lr: a CPU tensor while the step is being captured in a CUDA graph (its value "
+                             f"would be frozen into the graph); put lr on {device}")
+        lr = float(lr)  # a host read of a CPU tensor: no device sync
+    if isinstance(lr, Tensor):
+        # A device lr (schedulers write into it; CUDA-graph replays see the new value): s, η and 1 − η as
+        # 0-d fp32 tensors that the kernels read, two tiny launches per group and no host read.
+        s = lr.reshape(()).to(torch.float32) * radius
+        eta = _ref.scion_decay(s, momentum=momentum, norm_target=norm_target, corrected=corrected, lr=lr,
+                               weight_decay=weight_decay, nesterov=nesterov)
+        keep = (1.0 - eta).to(torch.float32) if isinstance(eta, Tensor) else torch.full((), 1.0 - eta,
+                                                                                      device=device)
+    else:
+        s = lr * radius
+        eta = _ref.scion_decay(s, momentum=momentum, norm_target=norm_target, corrected=corrected, lr=lr,
+                               weight_decay=weight_decay, nesterov=nesterov)
+        keep = 1.0 - eta
     if lmo == "sign":
         for p, g, b in zip(params, grads, bufs):
             d_in = p.shape[-1] if p.ndim >= 2 else 1
-            _tk.sign_step(p, g, b, alpha=momentum, keep=keep, step=s / d_in, nesterov=nesterov, maximize=maximize)
+            _tk.sign_step(p, g, b, alpha=momentum, keep=keep, step=s, step_mul=1.0 / d_in, nesterov=nesterov,
+                          maximize=maximize)
         return
     dt = ns_dtype or torch.bfloat16
     for (device, _, (rows, cols)), idx in shape_groups(params, merge_transposed=True).items():
@@ -123,7 +142,7 @@ def _step_triton(params, grads, bufs, *, lr, momentum, lmo, radius, norm_target,
         x = newton_schulz_stack(x, ns_steps, ns)
         for k, i in enumerate(idx):
             d_out, d_in = params[i].shape
-            _tk.apply_direction(params[i], x[k], keep=keep, step=s * math.sqrt(d_out / d_in))
+            _tk.apply_direction(params[i], x[k], keep=keep, step=s, step_mul=math.sqrt(d_out / d_in))
 
 
 def _register() -> None:

@@ -18,6 +18,14 @@ def _value(name: str, x) -> float:
     return float(x)
 
 
+def number(name: str, x) -> None:
+    """Hyperparameters other than lr / max_lr must be Python numbers: the kernels take them as scalar
+    arguments, so a tensor would be read on the host at every step (a device sync on GPU)."""
+    if isinstance(x, Tensor):
+        raise TypeError(f"Invalid {name}: pass a Python number (only lr and max_lr may be tensors; a tensor "
+                        f"{name} would be read on the host at every step)")
+
+
 def non_negative(name: str, x) -> None:
     v = _value(name, x)
     if not (v >= 0.0 and math.isfinite(v)):
@@ -43,6 +51,8 @@ def unit_interval(name: str, x, *, low_open: bool = False, high_closed: bool = F
 def betas(x) -> None:
     if not (isinstance(x, (tuple, list)) and len(x) == 2):
         raise ValueError(f"Invalid betas: {x!r} (expected a pair (beta1, beta2))")
+    number("betas[0]", x[0])
+    number("betas[1]", x[1])
     unit_interval("betas[0]", x[0])
     unit_interval("betas[1]", x[1])
 

@@ -77,53 +77,63 @@ def adam_decay(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
 
     torch._foreach_add_(state_steps, 1)
 
+    on = _PerDevice()
     for (device, dtype), idx in _buckets(params).items():
         impl = _backends.resolve(backend, device, dtype).adam_decay
         sub = lambda lst: [lst[i] for i in idx]  # noqa: E731
         abs_sums = torch.empty(len(idx), dtype=_mu_dtype(dtype), device=device) if tracks else None
+        # GradScaler keeps grad_scale / found_inf on one device; params on other GPUs get asynchronous
+        # device-to-device copies (once per device and step), as torch's fused optimizers do.
+        fi = on(found_inf, device)
         impl(sub(params), sub(grads), sub(exp_avgs), sub(exp_avg_sqs), sub(state_steps),
-             sub(delta_mus) if tracks else None, abs_sums, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+             sub(delta_mus) if tracks else None, abs_sums, lr=on(lr, device), beta1=beta1, beta2=beta2, eps=eps,
              weight_decay=weight_decay, decay=decay, delta_fixed=delta_fixed, delta_scale=delta_scale,
-             max_lr=max_lr, bias_correction=bias_correction, maximize=maximize,
-             grad_scale=grad_scale, found_inf=found_inf)
+             max_lr=on(max_lr, device), bias_correction=bias_correction, maximize=maximize,
+             grad_scale=on(grad_scale, device), found_inf=fi)
         if tracks:
             if abs_sum_reduce is not None:
                 abs_sums = abs_sum_reduce(abs_sums)
             sizes = [numels[i] if numels is not None else params[i].numel() for i in idx]
-            update_delta_mu(sub(delta_mus), abs_sums, sizes, 0.0 if delta_mode == "mean" else delta_beta, found_inf)
-
-    if found_inf is not None:
-        torch._foreach_sub_(state_steps, [found_inf.to(state_steps[0].device, torch.float32)] * n)
-
-
-_NUMEL_CACHE: Dict[Tuple, Tensor] = {}
+            update_delta_mu(sub(delta_mus), abs_sums, sizes, 0.0 if delta_mode == "mean" else delta_beta, fi)
+        if fi is not None:
+            steps = sub(state_steps)
+            torch._foreach_sub_(steps, [on(found_inf, steps[0].device, torch.float32)] * len(steps))
 
 
-def _numel_tensor(numels: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The bucket's sizes as a device tensor, built once per (sizes, dtype, device): steady-state steps copy
-    nothing host→device, so the μ update can be captured in a CUDA graph. Under torch.compile the sizes are
-    a graph constant instead (no guard on the cache, so changing lr never recompiles)."""
-    if torch.compiler.is_compiling():
-        return torch.tensor(numels, dtype=dtype, device=device)
-    key = (numels, dtype, device)
-    t = _NUMEL_CACHE.get(key)
-    if t is None:
-        if len(_NUMEL_CACHE) > 256:
-            _NUMEL_CACHE.clear()
-        t = _NUMEL_CACHE[key] = torch.tensor(numels, dtype=dtype).to(device)
-    return t
+class _PerDevice:
+    """``x`` (a tensor hyperparameter) on ``device``: itself if already there, else one non-blocking copy per
+    (tensor, device, dtype) within a step. CPU tensors stay on the CPU for GPU buckets: the backends read
+    them on the host (no device sync), and refuse them inside a CUDA-graph capture."""
+
+    def __init__(self):
+        self._copies: Dict[Tuple[int, torch.device, Optional[torch.dtype]], Tensor] = {}
+
+    def __call__(self, x, device: torch.device, dtype: Optional[torch.dtype] = None):
+        if not isinstance(x, Tensor):
+            return x
+        if (x.device == device or x.device.type == "cpu") and (dtype is None or x.dtype == dtype):
+            return x
+        key = (id(x), device, dtype)
+        y = self._copies.get(key)
+        if y is None:
+            target = device if x.device.type != "cpu" else x.device
+            y = self._copies[key] = x.to(target, dtype or x.dtype, non_blocking=True)
+        return y
 
 
 def update_delta_mu(delta_mus: List[Tensor], abs_sums: Tensor, numels: Sequence[int], beta: float,
                     found_inf: Optional[Tensor] = None) -> None:
-    """μ ← β·μ + (1 − β)·Σ|θ|/numel for a bucket, in a fixed order (AdamHD Eq. 8–9; Eq. 7 is β = 0)."""
-    denom = _numel_tensor(tuple(max(int(k), 1) for k in numels), abs_sums.dtype, abs_sums.device)
-    means = abs_sums / denom
-    old = torch.stack(delta_mus)
-    new = old * beta + means * (1 - beta)
+    """μ ← β·μ + (1 − β)·Σ|θ|/numel for a bucket, in a fixed order (AdamHD Eq. 8–9; Eq. 7 is β = 0).
+
+    The sizes enter as Python scalars of foreach ops (kernel arguments), never as a host→device copy, so the
+    update is free of host syncs and can be captured in a CUDA graph as it is."""
+    means = torch._foreach_div(list(abs_sums.unbind(0)), [float(max(int(k), 1)) for k in numels])
+    new = torch._foreach_mul(delta_mus, beta)
+    torch._foreach_add_(new, torch._foreach_mul(means, 1 - beta))
     if found_inf is not None:
-        new = torch.where(found_inf.to(new.device).bool(), old, new)
-    torch._foreach_copy_(delta_mus, list(new.unbind(0)))
+        skip = found_inf.to(abs_sums.device).bool()
+        new = list(torch.where(skip, torch.stack(delta_mus), torch.stack(new)).unbind(0))
+    torch._foreach_copy_(delta_mus, new)
 
 
 # ----------------------------------------------------------------------------------------------

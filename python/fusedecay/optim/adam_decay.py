@@ -32,9 +32,9 @@ class _AdamDecayBase(Optimizer):
     def _check_group(self, g: Dict[str, Any]) -> None:
         V.non_negative("lr", g["lr"])
         V.betas(g["betas"])
+        V.number("eps", g["eps"])
         V.non_negative("eps", g["eps"])
-        if isinstance(g["weight_decay"], Tensor):
-            raise TypeError("Invalid weight_decay: pass a Python number (only lr may be a tensor)")
+        V.number("weight_decay", g["weight_decay"])
         V.non_negative("weight_decay", g["weight_decay"])
         V.flag("bias_correction", g["bias_correction"])
         V.flag("maximize", g["maximize"])
@@ -186,11 +186,14 @@ class AdamHD(_AdamDecayBase):
         if g["delta_mode"] == "fixed":
             if g["delta"] is None:
                 raise ValueError("Invalid delta: None (delta_mode='fixed' needs delta > 0)")
+            V.number("delta", g["delta"])
             V.positive("delta", g["delta"])
         elif g["delta"] is not None:
             raise ValueError(f"Invalid delta: {g['delta']!r} is only used with delta_mode='fixed' "
                              f"(got delta_mode={g['delta_mode']!r}); use delta_scale instead")
+        V.number("delta_scale", g["delta_scale"])
         V.positive("delta_scale", g["delta_scale"])
+        V.number("delta_beta", g["delta_beta"])
         V.unit_interval("delta_beta", g["delta_beta"])
 
     def _decay_of(self, group) -> str:

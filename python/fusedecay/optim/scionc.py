@@ -56,6 +56,8 @@ class ScionC(Optimizer):
 
     def _check_group(self, g: Dict[str, Any], params) -> None:
         V.non_negative("lr", g["lr"])
+        for name in ("momentum", "weight_decay", "radius", "norm_target"):
+            V.number(name, g[name])
         V.unit_interval("momentum", g["momentum"], low_open=True, high_closed=True)
         V.non_negative("weight_decay", g["weight_decay"])
         V.choice("lmo", g["lmo"], LMO_KINDS)
