@@ -435,3 +435,28 @@ def test_bad_moment_dtype_raises():
 def test_tensor_lr_and_max_lr_are_accepted():
     p = make_params(15, shapes=[(3,)])
     AdamC(p, lr=torch.tensor(1e-3), max_lr=torch.tensor(2e-3)).step()
+
+
+@pytest.mark.parametrize("path", ["cpu-stacked", "foreach"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_found_inf", [False, True])
+def test_update_delta_mu_matches_the_scalar_formula_bit_for_bit(dtype, with_found_inf, path):
+    """μ ← β·μ + (1 − β)·Σ|θ|/numel, per tensor, as 0-d ops would compute it (the CPU path stacks the
+    tensors, the GPU path uses foreach ops with the sizes as scalars: both must equal this)."""
+    from fusedecay import functional
+
+    def update_delta_mu(mus, sums, numels, beta, found_inf):
+        if path == "foreach":
+            functional._update_delta_mu_foreach(mus, sums, [float(max(n, 1)) for n in numels], beta, found_inf)
+        else:
+            functional.update_delta_mu(mus, sums, numels, beta, found_inf)
+    g = torch.Generator().manual_seed(3)
+    numels = [1, 3, 0, 5, 2 ** 25 + 1, 7, 12345]
+    mus = [torch.rand((), generator=g, dtype=dtype) for _ in numels]
+    sums = torch.rand(len(numels), generator=g, dtype=dtype) * 1000
+    beta = 0.99
+    expect = [m * beta + (s / float(max(n, 1))) * (1 - beta) for m, s, n in zip(mus, sums.unbind(0), numels)]
+    before = [m.clone() for m in mus]
+    update_delta_mu(mus, sums, numels, beta, torch.tensor(1.0) if with_found_inf else None)
+    for got, want, old in zip(mus, expect, before):
+        assert torch.equal(got, old if with_found_inf else want)

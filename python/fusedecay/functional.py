@@ -127,7 +127,23 @@ def update_delta_mu(delta_mus: List[Tensor], abs_sums: Tensor, numels: Sequence[
 
     The sizes enter as Python scalars of foreach ops (kernel arguments), never as a host→device copy, so the
     update is free of host syncs and can be captured in a CUDA graph as it is."""
-    means = torch._foreach_div(list(abs_sums.unbind(0)), [float(max(int(k), 1)) for k in numels])
+    sizes = [float(max(int(k), 1)) for k in numels]
+    if abs_sums.device.type == "cpu":
+        # On the CPU a foreach op over 0-d tensors is a loop of tiny ops; one stacked vector does the same
+        # arithmetic (elementwise identical: the same fp32/fp64 divisions, products and sums).
+        old = torch.stack(delta_mus)
+        new_t = old * beta + (abs_sums / torch.tensor(sizes, dtype=abs_sums.dtype)) * (1 - beta)
+        if found_inf is not None:
+            new_t = torch.where(found_inf.bool(), old, new_t)
+        torch._foreach_copy_(delta_mus, list(new_t.unbind(0)))
+    else:
+        _update_delta_mu_foreach(delta_mus, abs_sums, sizes, beta, found_inf)
+
+
+def _update_delta_mu_foreach(delta_mus: List[Tensor], abs_sums: Tensor, sizes: List[float], beta: float,
+                             found_inf: Optional[Tensor]) -> None:
+    """The GPU form: a few multi-tensor launches, sizes as kernel scalars."""
+    means = torch._foreach_div(list(abs_sums.unbind(0)), sizes)
     new = torch._foreach_mul(delta_mus, beta)
     torch._foreach_add_(new, torch._foreach_mul(means, 1 - beta))
     if found_inf is not None:
