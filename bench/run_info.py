@@ -44,14 +44,16 @@ def slug(text: str) -> str:
 
 
 def git_commit() -> str:
-    """HEAD (with ``+dirty`` when the tree has changes); ``FUSEDECAY_COMMIT`` wins; a copy without
+    """HEAD (with ``+dirty`` when tracked files outside bench/results/ changed); ``FUSEDECAY_COMMIT`` wins; a copy without
     .git gets a content hash of the sources instead, labelled as such."""
     if os.environ.get("FUSEDECAY_COMMIT"):
         return os.environ["FUSEDECAY_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+        # Result files the benchmarks themselves (re)write do not make the code dirty.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)bench/results"], cwd=REPO,
                                capture_output=True, text=True, check=True).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
