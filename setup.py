@@ -16,9 +16,28 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _find_cuda_home():
+    """Set CUDA_HOME when unset, to the toolkit that has the headers: the real path of the nvcc on PATH
+    (``bin/nvcc`` under it), else /usr/local/cuda. torch guesses from ``which nvcc`` alone, which is wrong when
+    nvcc is a wrapper script outside the toolkit (then cuda_runtime.h is not found)."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    import shutil
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for d in candidates:
+        if os.path.exists(os.path.join(d, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = d
+            return
+
+
 def _extensions():
     if os.environ.get("FUSEDECAY_NO_EXT", "0") == "1":
         return [], {}
+    _find_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -30,6 +49,9 @@ def _extensions():
                          include_dirs=[os.path.join(ROOT, csrc)], extra_compile_args=cxx,
                          extra_link_args=["-fopenmp"])]
     want_cuda = os.environ.get("FUSEDECAY_NO_CUDA", "0") != "1"
+    if want_cuda and torch.version.cuda is not None and CUDA_HOME is None:
+        print("fusedecay: torch is a CUDA build but no CUDA toolkit was found: fusedecay._C_cuda is NOT built "
+              "(set CUDA_HOME to the toolkit with nvcc and include/cuda_runtime.h)")
     if want_cuda and torch.version.cuda is not None and CUDA_HOME is not None:
         exts.append(CUDAExtension(
             "fusedecay._C_cuda",

@@ -168,7 +168,8 @@ def main() -> None:
         print(f"symmetric kernel first beats bmm at n = {crossover} "
               f"(set FUSEDECAY_SYMMETRIC_MIN_ROWS={crossover} to use it from there)")
 
-    tag = "cuda" if device.type == "cuda" else "cpu"
+    # GPU files carry the device name (an H100 run and an H200 run must not overwrite each other).
+    tag = run_info.slug(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu"
     write_rows(rows, args.out or os.path.join(HERE, "results", f"newton_schulz_{tag}.json"))
 
 

@@ -7,7 +7,7 @@ one ``optimizer.step()`` of *every* candidate, in an order rotated from round to
 its own; a candidate's ratio is taken within each round against the torch fused step of the same
 round, and the figure is the median of those per-round ratios, with a bootstrap 95 % interval.
 
-The same rounds also time two bandwidth references on buffers of the step's size class:
+The same rounds also time two bandwidth references (fp32 buffers of 256 MiB on CPU, 1 GiB on GPU):
   * copy:  ``dst.copy_(src)``, 2 × bytes (read + write), the "copy bandwidth" of the issue;
   * rmw:   ``a.add_(b)``, 3 × bytes (read a, b, write a). On CPUs a copy's destination is also read
            (write-allocate) and that traffic is not counted, so copy GB/s under-states what a
@@ -65,9 +65,11 @@ def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     return run
 
 
-def bandwidth_refs(device: torch.device, nbytes: int) -> Dict[str, Tuple[Callable[[], object], int]]:
-    """copy and rmw references over fp32 buffers of ``nbytes`` each (what one step's θ stream is)."""
-    n = max(nbytes // 4, 1 << 20)
+def bandwidth_refs(device: torch.device) -> Dict[str, Tuple[Callable[[], object], int]]:
+    """copy and rmw references over fp32 buffers of bench/copy_bandwidth.py's size per device (256 MiB on
+    CPU, 1 GiB on GPU: far past any last-level cache)."""
+    from copy_bandwidth import DEFAULT_MIB
+    n = DEFAULT_MIB.get(device.type, 256) * (1 << 20) // 4
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
     a = torch.randn(n, device=device)
@@ -127,7 +129,7 @@ def main() -> None:
                 TB.randomize_state(opt, params, moment_dtype)
                 cands[(k, b)] = opt.step
                 keep.append((opt, params))
-        refs = bandwidth_refs(dev, numel * torch.empty((), dtype=param_dtype).element_size())
+        refs = bandwidth_refs(dev)
         for name, (fn, _) in refs.items():
             cands[(name, "torch")] = fn
         order = list(cands)
@@ -139,6 +141,13 @@ def main() -> None:
             rot = order[r % len(order):] + order[:r % len(order)]
             for key in rot:
                 times[key].append(run(cands[key]))
+        # GPU: device time as well (CUDA events around steps issued back to back, so the host's Python work
+        # overlaps the kernels); not interleaved, one candidate after the other.
+        dev_ms: Dict[Tuple[str, str], float] = {}
+        if dev.type == "cuda":
+            from timing import cuda_event_median_ms
+            for key in order:
+                dev_ms[key] = cuda_event_median_ms(cands[key], rounds)
         base_t = times[BASELINE]
         ref_gbps = {name: [nb / t / 1e9 for t in times[(name, "torch")]] for name, (_, nb) in refs.items()}
         for key in order:
@@ -146,8 +155,12 @@ def main() -> None:
             ts = times[key]
             row = dict(param_set=ps_name, dtype=dt, kernel=kernel, backend=backend, device=dev.type,
                        n_tensors=len(shapes), numel=numel, rounds=rounds, median_ms=statistics.median(ts) * 1e3)
+            if key in dev_ms:
+                row["device_ms"] = dev_ms[key]
             if kernel in refs:
                 row.update(bytes_per_call=refs[kernel][1], gbps=statistics.median(ref_gbps[kernel]))
+                if key in dev_ms:
+                    row["device_gbps"] = refs[kernel][1] / (dev_ms[key] * 1e-3) / 1e9
             else:
                 ratios = [t / tb for t, tb in zip(ts, base_t)]
                 lo, hi = bootstrap_median_ci(ratios)
@@ -157,6 +170,11 @@ def main() -> None:
                            baseline=f"adamw torch-fused {base_dt}",
                            pct_copy_bw=100 * statistics.median(g / c for g, c in zip(gbps, ref_gbps["copy"])),
                            pct_rmw_bw=100 * statistics.median(g / c for g, c in zip(gbps, ref_gbps["rmw"])))
+                if key in dev_ms:
+                    copy_dev_gbps = refs["copy"][1] / (dev_ms[("copy", "torch")] * 1e-3) / 1e9
+                    row.update(device_gbps=bytes_per_step / (dev_ms[key] * 1e-3) / 1e9,
+                               device_ratio_vs_torch_fused=dev_ms[key] / dev_ms[BASELINE])
+                    row["device_pct_copy_bw"] = 100 * row["device_gbps"] / copy_dev_gbps
             rows.append(row)
         del keep, cands
         if dev.type == "cuda":
@@ -166,22 +184,33 @@ def main() -> None:
     stem = os.path.join(a.out_dir, f"paired-{slug(info['device_name'])}-{info['date'][:10]}")
     with open(stem + ".json", "w") as f:
         json.dump({"fusedecay_run": info, "loadavg_1min_end": os.getloadavg()[0], "rows": rows}, f, indent=1)
+    gpu = dev.type == "cuda"
     lines = [f"# Paired step-time ratios — {info['device_name']}", "",
              f"torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, Python {info['python']}, "
              f"commit `{info['commit']}`, {info['date']}. `python bench/bench_paired_step.py` "
              f"(param set {ps_name}, {rounds} interleaved rounds; ratio = median of per-round ratios to torch "
              f"fused AdamW in the same round, 95 % bootstrap interval).", "",
-             "| dtype | kernel | backend | median ms | GB/s | % copy BW | % rmw BW | × torch fused | 95 % CI |",
-             "|---|---|---|---:|---:|---:|---:|---:|---|"]
+             "| dtype | kernel | backend | median ms | GB/s | % copy BW | % rmw BW | × torch fused | 95 % CI |"
+             + (" event ms | event GB/s | event % copy | event × fused |" if gpu else ""),
+             "|---|---|---|---:|---:|---:|---:|---:|---|" + ("---:|---:|---:|---:|" if gpu else "")]
     for r in rows:
+        ev = ""
+        if gpu:
+            ev = (f" {r['device_ms']:.3f} | {r['device_gbps']:.1f} | "
+                  + (f"{r['device_pct_copy_bw']:.0f} | {r['device_ratio_vs_torch_fused']:.3f} |"
+                     if "device_ratio_vs_torch_fused" in r else " | |"))
         if "ratio_vs_torch_fused" in r:
             lo, hi = r["ratio_ci95"]
             lines.append(f"| {r['dtype']} | {r['kernel']} | {r['backend']} | {r['median_ms']:.3f} | {r['gbps']:.1f} | "
                          f"{r['pct_copy_bw']:.0f} | {r['pct_rmw_bw']:.0f} | {r['ratio_vs_torch_fused']:.3f} | "
-                         f"{lo:.3f}–{hi:.3f} |")
+                         f"{lo:.3f}–{hi:.3f} |" + ev)
         else:
             lines.append(f"| {r['dtype']} | {r['kernel']} (reference) | {r['backend']} | {r['median_ms']:.3f} | "
-                         f"{r['gbps']:.1f} | | | | |")
+                         f"{r['gbps']:.1f} | | | | |" + ev)
+    if gpu:
+        lines += ["", "\"median ms\": wall clock per step with a device sync before and after (host work included), "
+                  "interleaved; \"event\" columns: CUDA-event device time of steps issued back to back (the host's "
+                  "Python work overlaps the kernels), one candidate after the other."]
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -23,6 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from bench_newton_schulz import environment, peak_matmul, pick_device, time_all, write_rows  # noqa: E402
+import run_info  # noqa: E402
 import torch  # noqa: E402
 
 from fusedecay import ScionC  # noqa: E402
@@ -136,7 +137,8 @@ def main() -> None:
                          peak_dtype=peak_dtype, peak_n=peak_n, speedup_vs_per_layer_loop=round(base / ms, 3), **env))
         print(f"{kind:18s} {ms:10.3f} ms  x{base / ms:6.2f} vs per-layer loop"
               + (f"  {tf:.3f} TFLOP/s (NS matmuls) {100 * tf / peak:.1f}% of peak" if tf else ""))
-    tag = "cuda" if device.type == "cuda" else "cpu"
+    # GPU files carry the device name (an H100 run and an H200 run must not overwrite each other).
+    tag = run_info.slug(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu"
     write_rows(rows, args.out or os.path.join(HERE, "results", f"scionc_step_{tag}.json"))
 
 

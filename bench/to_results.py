@@ -56,7 +56,12 @@ def target_of(row: dict) -> Tuple[str, str]:
     if sets is not None and row["param_set"] not in sets:
         return "", ""
     text = f"≤{max_ratio:.2f}×" + (f", ≥{min_pct:.0f}% copy" if min_pct else "")
-    ratio, pct = row.get("ratio_vs_torch_fused"), row.get("pct_copy_bw")
+    # On GPU the target is judged on device time (CUDA events, steps issued back to back: the host's Python
+    # work overlaps the kernels), the wall-clock figures stay beside it in the table.
+    if row.get("device_ratio_vs_torch_fused") is not None:
+        ratio, pct = row["device_ratio_vs_torch_fused"], row.get("device_pct_copy_bw")
+    else:
+        ratio, pct = row.get("ratio_vs_torch_fused"), row.get("pct_copy_bw")
     if ratio is None:
         return text, "no baseline"
     ok = ratio <= max_ratio and (min_pct is None or (pct is not None and pct >= min_pct))
@@ -77,18 +82,25 @@ def make_rows(run: Dict[str, object], benches: List[dict]) -> List[dict]:
         row.update(median_ms=s["median"] * 1e3, iqr_ms=s["iqr"] * 1e3, min_ms=s["min"] * 1e3, rounds=s["rounds"],
                    cuda_event_median_ms=x.get("cuda_event_median_ms"), loadavg_1min=x.get("loadavg_1min"))
         row["gbps"] = row["bytes_per_step"] / (row["median_ms"] * 1e-3) / 1e9
+        ev = row["cuda_event_median_ms"]
+        row["device_gbps"] = row["bytes_per_step"] / (ev * 1e-3) / 1e9 if ev else None
         rows.append(row)
     copy = next((r for r in rows if r["kernel"] == "copy"), None)
     fused = {(r["param_set"], r["dtype"]): r for r in rows if r["backend"] == "torch-fused"}
     for r in rows:
         r["copy_gbps"] = copy["gbps"] if copy else None
         r["pct_copy_bw"] = 100 * r["gbps"] / copy["gbps"] if copy else None
+        r["device_pct_copy_bw"] = (100 * r["device_gbps"] / copy["device_gbps"]
+                                   if copy and r["device_gbps"] and copy.get("device_gbps") else None)
         if r["kernel"] == "copy":
-            r["ratio_vs_torch_fused"], r["baseline"] = None, None
+            r["ratio_vs_torch_fused"], r["device_ratio_vs_torch_fused"], r["baseline"] = None, None, None
             continue
         base_dtype = "fp32" if r["dtype"] == "bf16-fp32state" else r["dtype"]
         base = fused.get((r["param_set"], base_dtype))
         r["ratio_vs_torch_fused"] = r["median_ms"] / base["median_ms"] if base else None
+        r["device_ratio_vs_torch_fused"] = (r["cuda_event_median_ms"] / base["cuda_event_median_ms"]
+                                            if base and r["cuda_event_median_ms"] and base["cuda_event_median_ms"]
+                                            else None)
         r["baseline"] = f"torch AdamW fused=True, {r['param_set']}, {base_dtype}, same run" if base else None
         r["target"], r["target_status"] = target_of(r)
     return rows
@@ -105,22 +117,31 @@ def markdown(run: Dict[str, object], rows: List[dict]) -> str:
            f"commit `{run['commit']}`, {run['date']}.", ""]
     if copy:
         out += [f"Measured copy bandwidth (same run): **{copy['gbps']:.1f} GB/s** (read + write, "
-                f"{copy['param_set']} buffer, median {copy['median_ms']:.3f} ms).", ""]
+                f"{copy['param_set']} buffer, median {copy['median_ms']:.3f} ms)"
+                + (f"; by CUDA events **{copy['device_gbps']:.1f} GB/s**" if copy.get("device_gbps") else "")
+                + ".", ""]
     main = [r for r in rows if r["kernel"] != "copy" and not r["param_set"].startswith(SWEEP_PREFIX)]
     if main:
         gpu = run.get("cuda") != "none" and any(r["device"] == "cuda" for r in main)
         out += ["| set | dtype | kernel | backend | median ms | IQR ms | GB/s | % copy BW | × torch fused |"
-                + (" CUDA-event ms |" if gpu else "") + " target |",
-                "|---|---|---|---|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "") + "---|"]
+                + (" event ms | event GB/s | event % copy | event × fused |" if gpu else "") + " target |",
+                "|---|---|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|---:|---:|" if gpu else "") + "---|"]
         for r in main:
-            ratio = _f(r["ratio_vs_torch_fused"], ".2f") + ("†" if r["dtype"] == "bf16-fp32state" else "")
+            dag = "†" if r["dtype"] == "bf16-fp32state" else ""
+            ratio = _f(r["ratio_vs_torch_fused"], ".2f") + dag
             tgt = f"{r['target']} {r['target_status']}".strip()
             out.append(f"| {r['param_set']} | {r['dtype']} | {r['kernel']} | {r['backend']} | {r['median_ms']:.3f} "
                        f"| {r['iqr_ms']:.3f} | {r['gbps']:.1f} | {_f(r['pct_copy_bw'], '.0f')} | {ratio} |"
-                       + (f" {_f(r['cuda_event_median_ms'], '.3f')} |" if gpu else "") + f" {tgt} |")
+                       + (f" {_f(r['cuda_event_median_ms'], '.3f')} | {_f(r['device_gbps'], '.1f')} | "
+                          f"{_f(r['device_pct_copy_bw'], '.0f')} | {_f(r['device_ratio_vs_torch_fused'], '.2f')}{dag} |"
+                          if gpu else "") + f" {tgt} |")
         out += ["", "Bytes per param per step: fp32 28 (read θ, g, m, v; write θ, m, v), bf16-fp32state 22, "
                 "bf16 14. † torch AdamW cannot keep fp32 moments for bf16 params; ratio is against torch "
-                "fused AdamW in fp32 on the same set.", ""]
+                "fused AdamW in fp32 on the same set."
+                + (" \"median ms\" is wall clock per step with a device sync inside (host work included); "
+                   "\"event\" columns are CUDA-event times of steps issued back to back (device time: the host's "
+                   "Python work overlaps the kernels). The GPU targets are judged on the event figures." if gpu else ""),
+                ""]
     sweep = [r for r in rows if r["param_set"].startswith(SWEEP_PREFIX)]
     if sweep:
         counts = sorted({r["n_tensors"] for r in sweep})
