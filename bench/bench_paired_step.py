@@ -19,7 +19,7 @@ fp32, 14 B/param bf16; see bench/to_results.py) to the reference's GB/s in the s
     python bench/bench_paired_step.py                       # GPU: gpt2-124m; CPU: cpu-small
     python bench/bench_paired_step.py --rounds 60 --dtypes fp32,bf16 --param-set cpu-small
 
-Writes bench/results/paired-<device>-<date>.json (rows + run info) and .md. Asserts nothing.
+Writes bench/results/paired-<device>-<date>T<HHMM>.json (rows + run info) and .md. Asserts nothing.
 """
 from __future__ import annotations
 
@@ -181,7 +181,9 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     os.makedirs(a.out_dir, exist_ok=True)
-    stem = os.path.join(a.out_dir, f"paired-{slug(info['device_name'])}-{info['date'][:10]}")
+    # Date and time in the name: repeated runs (the spread between runs is part of the result) are all kept.
+    when = info["date"][:16].replace(":", "")
+    stem = os.path.join(a.out_dir, f"paired-{slug(info['device_name'])}-{when}")
     with open(stem + ".json", "w") as f:
         json.dump({"fusedecay_run": info, "loadavg_1min_end": os.getloadavg()[0], "rows": rows}, f, indent=1)
     gpu = dev.type == "cuda"

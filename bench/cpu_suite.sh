@@ -3,7 +3,7 @@
 #   bash bench/cpu_suite.sh
 # Runs bench/test_bench_step.py on the CPU (copy bandwidth, cpu-small in three dtypes, the many-small
 # sweep) and turns the JSON into bench/results/<cpu>-<date>.{json,md,png}, then bench/bench_paired_step.py
-# (interleaved ratios: bench/results/paired-<cpu>-<date>.{json,md}). The timings are only as good
+# (interleaved ratios: bench/results/paired-<cpu>-<date>T<HHMM>.{json,md}). The timings are only as good
 # as the machine is idle: FUSEDECAY_WAIT_QUIET_S=N first waits up to N seconds for the 1-minute load
 # average to drop below 1 (each row records the load average it ran under either way).
 set -euo pipefail
