@@ -559,19 +559,25 @@ def test_cuda_graph_replay_with_changing_lr(opt_cls):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt.step()
+    _replay_against_eager(graph, opt, eager, ps, qs, static_grads, lambda n: n.clone(), lr_g, lr_e, shapes, 132,
+                          ("exp_avg", "step"))
+
+
+def _replay_against_eager(graph, opt, eager, ps, qs, static, grad_of, lr_g, lr_e, shapes, seed, keys):
+    """Three replays with new inputs in ``static`` and a new lr each, each followed by the same eager step."""
     for t in range(3):
-        new = _tensors(shapes, 132 + t)
-        for g, n, q in zip(static_grads, new, qs):
-            g.copy_(n)
-            q.grad = n.clone()
+        new = _tensors(shapes, seed + t)
+        for x, n, q in zip(static, new, qs):
+            x.copy_(n)
+            q.grad = grad_of(n)
         lr_g.fill_(0.01 * (t + 2))
         lr_e.fill_(0.01 * (t + 2))
         graph.replay()
         eager.step()
         for p, q in zip(ps, qs):
             assert_close(p.detach(), q.detach(), dtype=torch.float32)
-            assert_close(opt.state[p]["exp_avg"], eager.state[q]["exp_avg"], dtype=torch.float32)
-            assert_close(opt.state[p]["step"], eager.state[q]["step"], dtype=torch.float32)
+            for k in keys:
+                assert_close(opt.state[p][k], eager.state[q][k], dtype=torch.float32, msg=k)
 
 
 @pytest.mark.cuda
@@ -617,19 +623,8 @@ def test_cuda_graph_capture_with_fresh_grads_survives_cache_eviction():
         F.adam_decay(other, _tensors([(3 + i,)], 2000 + i), _clone(other), [x.abs() for x in other],
                      [torch.tensor(1.0, device="cuda")], None, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
                      weight_decay=0.1, decay="l2", backend="triton")
-    for t in range(3):
-        new = _tensors(shapes, 142 + t)
-        for x, n, q in zip(static_in, new, qs):
-            x.copy_(n)
-            q.grad = n * 2.0
-        lr_g.fill_(0.01 * (t + 2))
-        lr_e.fill_(0.01 * (t + 2))
-        graph.replay()
-        eager.step()
-        for p, q in zip(ps, qs):
-            assert_close(p.detach(), q.detach(), dtype=torch.float32)
-            for k in ("exp_avg", "exp_avg_sq", "step", "delta_mu"):
-                assert_close(opt.state[p][k], eager.state[q][k], dtype=torch.float32, msg=k)
+    _replay_against_eager(graph, opt, eager, ps, qs, static_in, lambda n: n * 2.0, lr_g, lr_e, shapes, 142,
+                          ("exp_avg", "exp_avg_sq", "step", "delta_mu"))
 
 
 @pytest.mark.cuda
@@ -640,14 +635,10 @@ def test_cpu_lr_refused_inside_capture():
     grads = _tensors(shapes, 161)
     kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decay="prox", delta_mode="ema")
     F.adam_decay(params, grads, m, v, steps, mus, lr=torch.tensor(1e-3), backend="triton", **kw)  # eager: fine
-    graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        with torch.cuda.graph(graph):
-            with pytest.raises(ValueError, match="captured in a CUDA graph"):
-                F.adam_decay(params, grads, m, v, steps, mus, lr=torch.tensor(1e-3), backend="triton", **kw)
-    torch.cuda.current_stream().wait_stream(side)
+    from cuda_capture import assert_refused_during_capture
+    assert_refused_during_capture(
+        lambda: F.adam_decay(params, grads, m, v, steps, mus, lr=torch.tensor(1e-3), backend="triton", **kw),
+        "captured in a CUDA graph")
 
 
 @pytest.mark.cuda
