@@ -30,7 +30,7 @@ PY="$WORK/venv/bin/python"
 echo "[device_versions] venv ready (+$(( SECONDS - T0 ))s)"
 
 mkdir -p "$WORK/src"
-git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$WORK/src"
+git ls-files -z --cached --others --exclude-standard | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C "$WORK/src"
 
 if [ -z "${CUDA_HOME:-}" ]; then
   if [ -d /usr/local/cuda/include ]; then

@@ -155,6 +155,8 @@ def main() -> None:
             ts = times[key]
             row = dict(param_set=ps_name, dtype=dt, kernel=kernel, backend=backend, device=dev.type,
                        n_tensors=len(shapes), numel=numel, rounds=rounds, median_ms=statistics.median(ts) * 1e3)
+            # The baseline of bf16-fp32state runs in fp32: its own bytes per step are fp32's.
+            bytes_per_step = numel * (TB.DTYPES[base_dt][2] if key == BASELINE else bpp)
             if key in dev_ms:
                 row["device_ms"] = dev_ms[key]
             if kernel in refs:

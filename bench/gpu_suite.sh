@@ -102,7 +102,7 @@ T=$(cap 170 200)
 TIMEOUT_FLAG=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_FLAG=(--timeout=90)
 run_logged tbox "$T" "$PY" -m pytest -q -m "cuda or triton" tests -p no:cacheprovider -rfEs --durations=15 \
-    "${TIMEOUT_FLAG[@]}"
+    ${TIMEOUT_FLAG[@]+"${TIMEOUT_FLAG[@]}"}
 TEST_RC=$?
 say "tests rc=$TEST_RC (timeout ${T}s; 5 = no tests collected)"
 snapshot

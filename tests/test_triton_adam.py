@@ -138,13 +138,14 @@ def test_bias_correction_late_step():
     _assert_lists_close(params, ref[0], "param")
 
 
-def test_grad_scale_and_found_inf():
+@pytest.mark.parametrize("decay,maximize", [("prox", False), ("prox", True), ("euler", True), ("l2", True)])
+def test_grad_scale_and_found_inf(decay, maximize):
     shapes = [(37,), (0,), (6, 5)]
     params, m, v, steps, mus = _state(shapes, seed=40)
     grads = _tensors(shapes, seed=41)
     before = [_clone(params), _clone(m), _clone(v), _clone(steps), _clone(mus)]
-    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.3, decay="prox", delta_mode="mean",
-              delta_scale=1.5)
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.3, decay=decay, delta_mode="mean",
+              delta_scale=1.5, maximize=maximize)
     scale = torch.tensor(1024.0, device=DEVICE)
     scaled = [g * scale for g in grads]
     # Overflow step: nothing moves (params, moments, μ, step) — no host sync involved.
@@ -652,5 +653,30 @@ def test_launches_on_the_params_device():
     with torch.cuda.device(0):
         F.adam_decay(params, grads, m, v, steps, mus, backend="triton", **kw)
     F.adam_decay(ref[0], grads, ref[1], ref[2], ref[3], ref[4], backend="reference", **kw)
+    for name, got, exp in zip(("param", "exp_avg", "exp_avg_sq", "step", "delta_mu"), (params, m, v, steps, mus), ref):
+        _assert_lists_close(got, exp, name)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_plan_built_during_capture_is_not_reused_eagerly():
+    """A capture records the metadata upload without running it: until the graph's first replay that plan holds
+    no data, so an eager step on the same tensors must build its own."""
+    shapes = [(300,), (17, 5)]
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decay="prox", delta_mode="ema")
+    warm = _state(shapes, seed=189)  # other tensors: compiles the kernels outside the capture
+    F.adam_decay(warm[0], _tensors(shapes, 188), *warm[1:], backend="triton", **kw)
+    params, m, v, steps, mus = _state(shapes, seed=190)
+    grads = _tensors(shapes, 191)
+    ref = [_clone(params), _clone(m), _clone(v), _clone(steps), _clone(mus)]
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        with torch.cuda.graph(graph):
+            F.adam_decay(params, grads, m, v, steps, mus, backend="triton", **kw)
+    torch.cuda.current_stream().wait_stream(side)
+    F.adam_decay(params, grads, m, v, steps, mus, backend="triton", **kw)  # no replay yet
+    F.adam_decay(ref[0], grads, *ref[1:], backend="reference", **kw)
     for name, got, exp in zip(("param", "exp_avg", "exp_avg_sq", "step", "delta_mu"), (params, m, v, steps, mus), ref):
         _assert_lists_close(got, exp, name)

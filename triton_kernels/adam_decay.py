@@ -401,9 +401,12 @@ def _plans_for(device, block, params, grads, exp_avgs, exp_avg_sqs, state_steps,
         plans = _PLAN_CACHE.get(key)
         if plans is None:
             plans = _build_plans(device, params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, block)
-            _PLAN_CACHE[key] = plans
-            while len(_PLAN_CACHE) > CACHE_SIZE:
-                _PLAN_CACHE.popitem(last=False)
+            # A plan built during a capture holds no data until the graph is first replayed (its upload is only
+            # recorded): it serves that graph alone and never an eager step or another capture.
+            if not capturing:
+                _PLAN_CACHE[key] = plans
+                while len(_PLAN_CACHE) > CACHE_SIZE:
+                    _PLAN_CACHE.popitem(last=False)
         else:
             # The key holds the params' sizes; a grad of another size at a recycled address must not pass.
             if tuple(map(Tensor.numel, grads)) != key[_NUMEL_FIELD]:
@@ -496,17 +499,17 @@ def adam_decay(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
         for i in staged:
             params[i], grads[i] = params[i].contiguous(), grads[i].contiguous()
             exp_avgs[i], exp_avg_sqs[i] = exp_avgs[i].contiguous(), exp_avg_sqs[i].contiguous()
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    lr_t, lr_v = _device_scalar("lr", lr, device, capturing)
-    corrected = max_lr is not None
-    max_lr_t, max_lr_v = _device_scalar("max_lr", max_lr, device, capturing) if corrected else (None, 1.0)
-    gs_t = _device_tensor("grad_scale", grad_scale, device) if grad_scale is not None else None
-    fi_t = _device_tensor("found_inf", found_inf, device) if found_inf is not None else None
-    log2_beta1, log2_beta2 = _log2_beta("beta1", beta1), _log2_beta("beta2", beta2)
-    warps = int(num_warps or DEFAULT_NUM_WARPS)
-
-    # Triton launches on the current device's current stream: make that the params' device.
+    # Triton launches on the current device's current stream: make that the params' device (also for the
+    # capture query, which looks at the current device's stream).
     with on_device(device):
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        lr_t, lr_v = _device_scalar("lr", lr, device, capturing)
+        corrected = max_lr is not None
+        max_lr_t, max_lr_v = _device_scalar("max_lr", max_lr, device, capturing) if corrected else (None, 1.0)
+        gs_t = _device_tensor("grad_scale", grad_scale, device) if grad_scale is not None else None
+        fi_t = _device_tensor("found_inf", found_inf, device) if found_inf is not None else None
+        log2_beta1, log2_beta2 = _log2_beta("beta1", beta1), _log2_beta("beta2", beta2)
+        warps = int(num_warps or DEFAULT_NUM_WARPS)
         plans = _plans_for(device, block, params, grads, exp_avgs, exp_avg_sqs, state_steps, mus,
                            cache=not staged, capturing=capturing)
         for plan in plans:

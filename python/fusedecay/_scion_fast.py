@@ -111,15 +111,18 @@ def _step_triton(params, grads, bufs, *, lr, momentum, lmo, radius, norm_target,
                  ns, ns_dtype, nesterov, maximize) -> None:
     device = params[0].device
     if isinstance(lr, Tensor) and lr.device != device:  # a CPU lr with GPU params (_triton_applies)
-        if torch.cuda.is_current_stream_capturing():
+        with torch.cuda.device(device):
+            capturing = torch.cuda.is_current_stream_capturing()
+        if capturing:
             raise ValueError(f"Invalid lr: a CPU tensor while the step is being captured in a CUDA graph (its value "
                              f"would be frozen into the graph); put lr on {device}")
         lr = float(lr)  # a host read of a CPU tensor: no device sync
     if isinstance(lr, Tensor):
         # A device lr (schedulers write into it; CUDA-graph replays see the new value): s, η and 1 − η as
         # 0-d fp32 tensors that the kernels read, two tiny launches per group and no host read.
-        s = lr.reshape(()).to(torch.float32) * radius
-        eta = _ref.scion_decay(s, momentum=momentum, norm_target=norm_target, corrected=corrected, lr=lr,
+        lr32 = lr.reshape(()).to(torch.float32)  # fp32 math, as the reference upcasts lr
+        s = lr32 * radius
+        eta = _ref.scion_decay(s, momentum=momentum, norm_target=norm_target, corrected=corrected, lr=lr32,
                                weight_decay=weight_decay, nesterov=nesterov)
         keep = (1.0 - eta).to(torch.float32) if isinstance(eta, Tensor) else torch.full((), 1.0 - eta,
                                                                                       device=device)

@@ -117,7 +117,9 @@ class _PerDevice:
         y = self._copies.get(key)
         if y is None:
             target = device if x.device.type != "cpu" else x.device
-            y = self._copies[key] = x.to(target, dtype or x.dtype, non_blocking=True)
+            # Asynchronous only towards a GPU (stream-ordered before the kernels that read it); a device→CPU copy
+            # must have landed before the CPU kernel reads it.
+            y = self._copies[key] = x.to(target, dtype or x.dtype, non_blocking=target.type != "cpu")
         return y
 
 
