@@ -361,7 +361,15 @@ def _build_plans(device, params, grads, exp_avgs, exp_avg_sqs, state_steps, delt
         if device.type == "cuda":
             # Pinned + non_blocking: no host sync, and legal inside a CUDA-graph capture (torch's pinned
             # allocator serves captures from a private pool); the plan keeps ``host`` alive.
-            host = host.pin_memory()
+            try:
+                host = host.pin_memory()
+            except RuntimeError as e:
+                if not torch.cuda.is_current_stream_capturing():
+                    raise
+                raise RuntimeError(
+                    "fusedecay triton backend: this torch cannot allocate pinned memory during a CUDA-graph capture "
+                    "(needed when the step's tensors were never seen eagerly, e.g. grads allocated inside the graph); "
+                    "run one eager step with the same tensors before capturing, or use backend='cuda'") from e
             meta = torch.empty(host.shape, dtype=host.dtype, device=device)
             meta.copy_(host, non_blocking=True)
             stream = torch.cuda.current_stream(device)
