@@ -1,0 +1,75 @@
+"""The benchmark tooling that a GPU session runs unattended (bench/gpu_suite.sh): checked here on the CPU so that a
+scripting error cannot waste a GPU slot. Nothing here times anything or asserts a speed."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(REPO, "bench")
+
+
+def test_paired_step_script_writes_rows_with_ratios_and_intervals(tmp_path):
+    env = dict(os.environ, FUSEDECAY_BENCH_DEVICE="cpu", PYTHONPATH=os.path.join(REPO, "python"))
+    env.pop("TRITON_INTERPRET", None)  # the benchmark never times the interpreter
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "bench_paired_step.py"), "--rounds", "3", "--warmup", "1",
+                          "--dtypes", "fp32", "--param-set", "many-small-0004", "--kernels", "adamhd-prox-ema,adamc",
+                          "--out-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    files = sorted(os.listdir(tmp_path))
+    assert [os.path.splitext(f)[1] for f in files] == [".json", ".md"] and all(f.startswith("paired-") for f in files)
+    data = json.load(open(tmp_path / next(f for f in files if f.endswith(".json"))))
+    rows = {(r["kernel"], r["backend"]): r for r in data["rows"]}
+    assert ("adamw", "torch-fused") in rows and ("copy", "torch") in rows and ("rmw", "torch") in rows
+    ours = [r for k, r in rows.items() if k[0] in ("adamhd-prox-ema", "adamc")]
+    assert ours, rows.keys()
+    for r in ours:
+        lo, hi = r["ratio_ci95"]
+        assert 0 < lo <= r["ratio_vs_torch_fused"] <= hi
+        assert r["bytes_per_step"] == r["numel"] * 28 and r["gbps"] > 0
+    assert rows[("adamw", "torch-fused")]["ratio_vs_torch_fused"] == 1.0
+    assert data["fusedecay_run"]["commit"]
+
+
+def _fake_gpu_raw(path):
+    """A pytest-benchmark JSON shaped as bench/test_bench_step.py writes it on a GPU (numbers made up)."""
+    def bench(kernel, backend, dtype, median_s, event_ms, bpp=28, numel=1000, param_set="gpt2-124m"):
+        return {"stats": {"median": median_s, "iqr": 0.0, "min": median_s, "rounds": 10},
+                "extra_info": dict(kernel=kernel, backend=backend, param_set=param_set, dtype=dtype, device="cuda",
+                                   device_name="FAKE GPU", n_tensors=1, numel=numel, bytes_per_param=bpp,
+                                   bytes_per_step=numel * bpp, cuda_event_median_ms=event_ms)}
+    raw = {"fusedecay_run": dict(device="cuda", device_name="FAKE GPU", threads=16, torch="x", triton="y", cuda="13.0",
+                                 python="3", commit="abc", date="2026-11-23T00:00:00Z"),
+           "benchmarks": [bench("copy", "torch", "fp32", 1e-3, 0.5, bpp=2, numel=1000, param_set="1024MiB"),
+                          bench("adamw", "torch-fused", "fp32", 2e-3, 1.0),
+                          # wall clock slower than torch (host work), device time faster: the target follows the latter
+                          bench("adamhd-prox-ema", "cuda", "fp32", 2.2e-3, 0.8)]}
+    with open(path, "w") as f:
+        json.dump(raw, f)
+
+
+def test_to_results_reports_device_time_and_judges_gpu_targets_on_it(tmp_path):
+    raw = tmp_path / "raw.json"
+    _fake_gpu_raw(raw)
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "to_results.py"), str(raw), "--out-dir", str(tmp_path),
+                          "--name", "fake"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {(r["kernel"], r["backend"]): r for r in json.load(open(tmp_path / "fake.json"))["rows"]}
+    ours = rows[("adamhd-prox-ema", "cuda")]
+    assert ours["ratio_vs_torch_fused"] == pytest.approx(1.1)
+    assert ours["device_ratio_vs_torch_fused"] == pytest.approx(0.8)
+    assert ours["device_gbps"] == pytest.approx(1000 * 28 / 0.8e-3 / 1e9)
+    copy_dev = rows[("copy", "torch")]["device_gbps"]
+    assert ours["device_pct_copy_bw"] == pytest.approx(100 * ours["device_gbps"] / copy_dev)
+    # ≤ 0.85× and ≥ 85 % of copy on device time (met), although the wall-clock ratio (1.1×) is not.
+    assert ours["device_pct_copy_bw"] >= 85 and ours["target_status"] == "met"
+    md = (tmp_path / "fake.md").read_text()
+    assert "event × fused" in md and "judged on the event figures" in md
+
+
+def test_shell_scripts_parse():
+    for script in ("bench/gpu_suite.sh", "bench/cpu_suite.sh", ".ci/device_versions.sh", ".ci/run"):
+        res = subprocess.run(["bash", "-n", os.path.join(REPO, script)], capture_output=True, text=True)
+        assert res.returncode == 0, (script, res.stderr)
