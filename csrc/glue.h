@@ -236,22 +236,18 @@ inline ScalarInputs prepare_scalars(const Prepared& prep, double lr, const std::
     s.keep.push_back(x);
     return x.data_ptr();
   };
-  if (lr_tensor.has_value()) {
-    check_scalar_tensor("lr", *lr_tensor);
-    if (lr_tensor->is_cpu() && !host_params) {
-      s.lr_value = lr_tensor->item<double>();
+  // lr / max_lr: a CPU tensor with device params is read on the host (no device sync), else read in the kernel.
+  auto learning_rate = [&](const char* name, const std::optional<at::Tensor>& t, const void*& ptr, auto& value) {
+    if (!t.has_value()) return;
+    check_scalar_tensor(name, *t);
+    if (t->is_cpu() && !host_params) {
+      value = t->item<double>();
     } else {
-      s.lr = on_device(*lr_tensor, prep.math_dtype);
+      ptr = on_device(*t, prep.math_dtype);
     }
-  }
-  if (max_lr_tensor.has_value()) {
-    check_scalar_tensor("max_lr", *max_lr_tensor);
-    if (max_lr_tensor->is_cpu() && !host_params) {
-      s.max_lr_value = max_lr_tensor->item<double>();
-    } else {
-      s.max_lr = on_device(*max_lr_tensor, prep.math_dtype);
-    }
-  }
+  };
+  learning_rate("lr", lr_tensor, s.lr, s.lr_value);
+  learning_rate("max_lr", max_lr_tensor, s.max_lr, s.max_lr_value);
   // grad_scale / found_inf live where GradScaler keeps them, on the params' device: reading them from
   // another device would be a synchronous copy (and is illegal inside a CUDA-graph capture).
   if (grad_scale.has_value()) {

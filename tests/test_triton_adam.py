@@ -68,6 +68,12 @@ def _assert_lists_close(actual, expected, what):
         assert_close(a, e, dtype=torch.float32, msg=f"{what}[{i}]")
 
 
+def _assert_states_close(got, expected):
+    """(params, exp_avgs, exp_avg_sqs, steps, delta_mus) against the same five lists of a reference run."""
+    for name, g, e in zip(("param", "exp_avg", "exp_avg_sq", "step", "delta_mu"), got, expected):
+        _assert_lists_close(g, e, name)
+
+
 # ------------------------------------------------------------------------------------------------
 # Registry
 # ------------------------------------------------------------------------------------------------
@@ -159,8 +165,7 @@ def test_grad_scale_and_found_inf(decay, maximize):
     F.adam_decay(params, scaled, m, v, steps, mus, backend="triton", grad_scale=scale,
                  found_inf=torch.tensor(0.0, device=DEVICE), **kw)
     F.adam_decay(*ref[:1], _f64(grads), *ref[1:], backend="reference", **kw)
-    for name, got, exp in zip(("param", "exp_avg", "exp_avg_sq", "step", "delta_mu"), (params, m, v, steps, mus), ref):
-        _assert_lists_close(got, exp, name)
+    _assert_states_close((params, m, v, steps, mus), ref)
 
 
 def test_found_inf_abs_sums_are_of_unchanged_params():
@@ -525,8 +530,7 @@ def test_large_and_many_tensors_cuda():
         grads = _tensors(shapes, seed=121 + t)
         F.adam_decay(params, grads, m, v, steps, mus, backend="triton", **kw)
         F.adam_decay(ref[0], grads, ref[1], ref[2], ref[3], ref[4], backend="reference", **kw)
-    for name, got, exp in zip(("param", "exp_avg", "exp_avg_sq", "step", "delta_mu"), (params, m, v, steps, mus), ref):
-        _assert_lists_close(got, exp, name)
+    _assert_states_close((params, m, v, steps, mus), ref)
 
 
 @pytest.mark.cuda
@@ -653,8 +657,7 @@ def test_launches_on_the_params_device():
     with torch.cuda.device(0):
         F.adam_decay(params, grads, m, v, steps, mus, backend="triton", **kw)
     F.adam_decay(ref[0], grads, ref[1], ref[2], ref[3], ref[4], backend="reference", **kw)
-    for name, got, exp in zip(("param", "exp_avg", "exp_avg_sq", "step", "delta_mu"), (params, m, v, steps, mus), ref):
-        _assert_lists_close(got, exp, name)
+    _assert_states_close((params, m, v, steps, mus), ref)
 
 
 @pytest.mark.cuda
@@ -678,5 +681,4 @@ def test_plan_built_during_capture_is_not_reused_eagerly():
     torch.cuda.current_stream().wait_stream(side)
     F.adam_decay(params, grads, m, v, steps, mus, backend="triton", **kw)  # no replay yet
     F.adam_decay(ref[0], grads, *ref[1:], backend="reference", **kw)
-    for name, got, exp in zip(("param", "exp_avg", "exp_avg_sq", "step", "delta_mu"), (params, m, v, steps, mus), ref):
-        _assert_lists_close(got, exp, name)
+    _assert_states_close((params, m, v, steps, mus), ref)
