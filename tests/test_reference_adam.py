@@ -447,7 +447,8 @@ def test_update_delta_mu_matches_the_scalar_formula_bit_for_bit(dtype, with_foun
 
     def update_delta_mu(mus, sums, numels, beta, found_inf):
         if path == "foreach":
-            functional._update_delta_mu_foreach(mus, sums, [float(max(n, 1)) for n in numels], beta, found_inf)
+            skip = found_inf.bool() if found_inf is not None else None
+            functional._update_delta_mu_foreach(mus, sums, [float(max(n, 1)) for n in numels], beta, skip)
         else:
             functional.update_delta_mu(mus, sums, numels, beta, found_inf)
     g = torch.Generator().manual_seed(3)

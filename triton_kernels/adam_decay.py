@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import operator
 from collections import OrderedDict
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -260,8 +260,7 @@ class _Plan:
 _PLAN_CACHE: "OrderedDict[tuple, List[_Plan]]" = OrderedDict()
 # Plans that a CUDA graph captured: a replay reads their device metadata (and the captured upload re-reads
 # the pinned host copy), so they are never evicted or freed (like the CUDA backend's captured tables).
-_CAPTURED_PLANS: List[List[_Plan]] = []
-_CAPTURED_IDS: set = set()
+_CAPTURED_PLANS: Dict[int, List[_Plan]] = {}
 
 
 def clear_cache() -> None:
@@ -271,9 +270,7 @@ def clear_cache() -> None:
 
 
 def _keep_for_graph(plans: List[_Plan]) -> None:
-    if id(plans) not in _CAPTURED_IDS:
-        _CAPTURED_IDS.add(id(plans))
-        _CAPTURED_PLANS.append(plans)
+    _CAPTURED_PLANS.setdefault(id(plans), plans)
 
 
 def _storage_order(t: Tensor) -> Optional[Tuple[int, ...]]:

@@ -96,8 +96,8 @@ def adam_decay(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
             sizes = [numels[i] if numels is not None else params[i].numel() for i in idx]
             update_delta_mu(sub(delta_mus), abs_sums, sizes, 0.0 if delta_mode == "mean" else delta_beta, fi)
         if fi is not None:
-            steps = sub(state_steps)
-            torch._foreach_sub_(steps, [on(found_inf, steps[0].device, torch.float32)] * len(steps))
+            steps = sub(state_steps)  # on the bucket's device, like fi
+            torch._foreach_sub_(steps, [fi.to(torch.float32)] * len(steps))
 
 
 class _PerDevice:
@@ -130,26 +130,26 @@ def update_delta_mu(delta_mus: List[Tensor], abs_sums: Tensor, numels: Sequence[
     The sizes enter as Python scalars of foreach ops (kernel arguments), never as a host→device copy, so the
     update is free of host syncs and can be captured in a CUDA graph as it is."""
     sizes = [float(max(int(k), 1)) for k in numels]
+    skip = found_inf.to(abs_sums.device).bool() if found_inf is not None else None
     if abs_sums.device.type == "cpu":
         # On the CPU a foreach op over 0-d tensors is a loop of tiny ops; one stacked vector does the same
         # arithmetic (elementwise identical: the same fp32/fp64 divisions, products and sums).
         old = torch.stack(delta_mus)
         new_t = old * beta + (abs_sums / torch.tensor(sizes, dtype=abs_sums.dtype)) * (1 - beta)
-        if found_inf is not None:
-            new_t = torch.where(found_inf.bool(), old, new_t)
+        if skip is not None:
+            new_t = torch.where(skip, old, new_t)
         torch._foreach_copy_(delta_mus, list(new_t.unbind(0)))
     else:
-        _update_delta_mu_foreach(delta_mus, abs_sums, sizes, beta, found_inf)
+        _update_delta_mu_foreach(delta_mus, abs_sums, sizes, beta, skip)
 
 
 def _update_delta_mu_foreach(delta_mus: List[Tensor], abs_sums: Tensor, sizes: List[float], beta: float,
-                             found_inf: Optional[Tensor]) -> None:
+                             skip: Optional[Tensor]) -> None:
     """The GPU form: a few multi-tensor launches, sizes as kernel scalars."""
     means = torch._foreach_div(list(abs_sums.unbind(0)), sizes)
     new = torch._foreach_mul(delta_mus, beta)
     torch._foreach_add_(new, torch._foreach_mul(means, 1 - beta))
-    if found_inf is not None:
-        skip = found_inf.to(abs_sums.device).bool()
+    if skip is not None:  # found_inf as a bool tensor: μ keeps its old value
         new = list(torch.where(skip, torch.stack(delta_mus), torch.stack(new)).unbind(0))
     torch._foreach_copy_(delta_mus, new)
 
