@@ -7,6 +7,7 @@
 //   fusedecay::_chunk_table       the work split a launch uses, for tests: int64 [num_chunks, 4] rows of
 //                                 (tensor, chunk, begin, length)
 //   fusedecay::_sum_partials      level 2 of the Σ|θ| reduction, exactly as the kernels do it, for tests
+//   fusedecay::abs_sums_          Σ|x| per tensor by the kernels' own two-level reduction (AdamHD's μ_0 = mean|θ_0|)
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -121,11 +122,64 @@ at::Tensor sum_partials_op(const at::Tensor& partials, c10::IntArrayRef numels, 
   return out;
 }
 
+// Σ|x| of each tensor, written to out[i] (math dtype), by the update kernel's found_inf path: it writes
+// nothing and reduces |θ| with the same chunk table, per-chunk partials and ordered level-2 sum as every
+// step. So μ_0 = mean|θ_0| depends on the tensor sizes only, never on the thread count or the ISA, and is
+// computed like every later Σ|θ_t|. A tensor that is not dense is summed from a contiguous copy.
+void abs_sums_cpu(at::TensorList tensors, const at::Tensor& out, int64_t chunk_size) {
+  const int64_t cs = resolve_chunk_size(chunk_size);
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  TORCH_CHECK_VALUE(out.device().is_cpu() && out.dim() == 1 && out.numel() == n && out.is_contiguous(),
+                    "Invalid out: expected a contiguous 1-D CPU tensor with ", n, " entries");
+  if (n == 0) return;
+  const at::ScalarType dtype = tensors[0].scalar_type();
+  TORCH_CHECK_VALUE(storage_kind(dtype) >= 0, "Invalid tensors[0]: dtype ", dtype,
+                    " (expected float32, bfloat16 or float64)");
+  TORCH_CHECK_VALUE(out.scalar_type() == math_dtype_of(dtype), "Invalid out: dtype ", out.scalar_type(),
+                    ", expected ", math_dtype_of(dtype));
+  std::vector<at::Tensor> keep;
+  std::vector<TensorMeta> metas(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == dtype, "Invalid tensors[", i, "]: ", t.device(),
+                      " ", t.scalar_type(), " (all must be CPU tensors of dtype ", dtype, ")");
+    keep.push_back(t.is_non_overlapping_and_dense() ? t : t.contiguous());
+    metas[i] = TensorMeta{};
+    metas[i].param = keep.back().data_ptr();
+    metas[i].numel = t.numel();
+    metas[i].out_index = i;
+  }
+  const std::vector<ChunkRef> table = build_chunk_table(metas, cs);
+  std::vector<double> partials(table.size(), 0.0);
+  static const float kSkip = 1.0f;  // found_inf ≠ 0: the update writes nothing and only reduces |θ|
+  const int kind = storage_kind(dtype);
+  if (dtype == at::kDouble) {
+    KernelScalars<double> ks{};
+    ks.found_inf_ptr = &kSkip;
+    cpu::run_adam_decay<double>(ks, kind, kind, metas.data(), table.data(), static_cast<int64_t>(table.size()), cs,
+                                partials.data());
+  } else {
+    KernelScalars<float> ks{};
+    ks.found_inf_ptr = &kSkip;
+    cpu::run_adam_decay<float>(ks, kind, kind, metas.data(), table.data(), static_cast<int64_t>(table.size()), cs,
+                               partials.data());
+  }
+  for (const TensorMeta& t : metas) {
+    const double s = sum_partials(partials.data(), t.first_chunk, t.num_chunks);
+    if (dtype == at::kDouble) {
+      out.data_ptr<double>()[t.out_index] = s;
+    } else {
+      out.data_ptr<float>()[t.out_index] = static_cast<float>(s);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace fusedecay
 
 TORCH_LIBRARY(fusedecay, m) {
   m.def(fusedecay::kAdamDecaySchema);
+  m.def("abs_sums_(Tensor[] tensors, Tensor(a!) out, int chunk_size=0) -> ()");
   // Test helpers: plain CPU functions, no dispatch.
   m.def("_chunk_table(int[] numels, int chunk_size=0) -> Tensor", &fusedecay::chunk_table_op);
   m.def("_sum_partials(Tensor partials, int[] numels, int chunk_size=0) -> Tensor", &fusedecay::sum_partials_op);
@@ -133,9 +187,13 @@ TORCH_LIBRARY(fusedecay, m) {
 
 TORCH_LIBRARY_IMPL(fusedecay, CPU, m) {
   m.impl("adam_decay_", &fusedecay::adam_decay_cpu);
+  m.impl("abs_sums_", &fusedecay::abs_sums_cpu);
 }
 
-TORCH_LIBRARY_IMPL(fusedecay, Meta, m) { m.impl("adam_decay_", &fusedecay::adam_decay_meta); }
+TORCH_LIBRARY_IMPL(fusedecay, Meta, m) {
+  m.impl("adam_decay_", &fusedecay::adam_decay_meta);
+  m.impl("abs_sums_", [](at::TensorList, const at::Tensor&, int64_t) {});
+}
 
 // Module init so `import fusedecay._C` works (the ops are registered by the static initialisers above).
 #include <Python.h>

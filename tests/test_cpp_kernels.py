@@ -164,15 +164,21 @@ def test_cold_start_and_delta_mean():
     assert_states_close(got, want, torch.float32)
 
 
-def check_bf16_error_within_eager(shapes, moment_dtype, decay, device="cpu", chunk_size=64):
-    """Fused bf16 vs float64 reference: error ≤ the tolerance factor × an eager bf16 run's (shared with the CUDA tests)."""
+# λ for the bf16 checks: τ = γλ = 5e-3 per step, so 5 steps of decay move θ by ~2.5 %, well above bf16 rounding.
+# (With τ = 1e-3 a kernel that drops the decay stays within 2× the eager error: the check would not see it.)
+BF16_CHECK_WEIGHT_DECAY = 0.5
+
+
+def check_bf16_error_within_eager(shapes, moment_dtype, decay, device="cpu", chunk_size=64, impl=None):
+    """Fused bf16 vs float64 reference: error ≤ the tolerance factor × an eager bf16 run's (shared with the CUDA
+    tests). ``impl``: the multi-tensor function under check (default: the compiled kernel)."""
     base = make_state(shapes, torch.bfloat16, moment_dtype, device=device)
     grads = make_grads(shapes, 5, torch.bfloat16, device=device)
-    kw = hyper(decay)
+    kw = hyper(decay, weight_decay=BF16_CHECK_WEIGHT_DECAY)
     ref64 = run_contract(adam_decay_reference, base.to(torch.float64, torch.float64),
                          [[g.double() for g in gs] for gs in grads], **kw)
     eager = run_contract(adam_decay_reference, base.clone(), grads, **kw)
-    fused = run_contract(kernel(chunk_size), base.clone(), grads, **kw)
+    fused = run_contract(impl or kernel(chunk_size), base.clone(), grads, **kw)
     for name in ("params", "exp_avgs", "exp_avg_sqs"):
         for i in range(len(shapes)):
             f, e, r = (getattr(s, name)[i] for s in (fused, eager, ref64))
@@ -185,6 +191,15 @@ def check_bf16_error_within_eager(shapes, moment_dtype, decay, device="cpu", chu
 @pytest.mark.parametrize("decay", ["l2", "prox", "euler"])
 def test_bf16_error_within_eager(moment_dtype, decay):
     check_bf16_error_within_eager([(4097,), (130, 129), (7,), (0,)], moment_dtype, decay)
+
+
+@pytest.mark.parametrize("decay", ["l2", "prox", "euler"])
+def test_bf16_check_rejects_a_kernel_that_drops_the_decay(decay):
+    """The bf16 check above can fail: a bf16 update that forgets the decay term is rejected."""
+    def no_decay(*args, **kw):
+        adam_decay_reference(*args, **dict(kw, weight_decay=0.0))
+    with pytest.raises(AssertionError, match="fused rel err"):
+        check_bf16_error_within_eager([(4097,), (130, 129), (7,)], torch.float32, decay, impl=no_decay)
 
 
 def test_non_contiguous_params():

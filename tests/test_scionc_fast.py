@@ -1,9 +1,10 @@
 """ScionC fast path ("batched" backend) against the per-tensor reference, through the ScionC class.
 
 Several groups (spectral / sign / bias; corrected and not; tall, wide, square; classic and Polar
-Express; Nesterov; maximize), many steps, params *and* momentum buffers. The torch path runs in the
-reference's op order, so on CPU in fp32 it is also bit-identical (asserted separately). The Triton
-element-wise kernels run under the interpreter here (fp32) and compiled on GPU.
+Express; Nesterov; maximize), many steps, params *and* momentum buffers, against the fp32 reference and
+against the float64 reference (fp32 tolerance). Nothing here is compared bitwise with the reference: the
+batched path runs its matmuls as bmm, the reference as mm, and the two round differently on some CPUs.
+The Triton element-wise kernels run under the interpreter here (fp32) and compiled on GPU.
 """
 import pytest
 import torch
@@ -68,13 +69,10 @@ def test_batched_matches_reference_over_many_steps(ns, nesterov, maximize):
     assert not torch.allclose(a["qkv"].detach(), _model()["qkv"].detach())
 
 
-def test_cpu_fp32_step_is_bit_identical_to_reference():
-    a, oa = _train("reference", ns="polar_express", nesterov=True)
+def test_fp32_batched_step_within_fp32_tolerance_of_float64_reference():
+    a, oa = _train("reference", dtype=torch.float64, ns="polar_express", nesterov=True)
     b, ob = _train("batched", ns="polar_express", nesterov=True)
-
-    def equal(x, y, what):
-        assert torch.equal(x, y), f"{what} differs from the reference"
-    _compare(a, oa, b, ob, equal)
+    _compare(a, oa, b, ob, lambda x, y, what: assert_close(x, y, torch.float32, msg=what))
 
 
 def test_auto_resolves_to_batched_on_cuda_only():

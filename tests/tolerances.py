@@ -4,7 +4,8 @@
 * float32: kernels vs the reference, both in fp32 arithmetic with different operation order; the spec
   asks for ≤ 1e-5 relative on params and state after N steps.
 * bfloat16 params: we do not compare against a fixed tolerance; the fused result's error against a
-  float64 reference must be ≤ 2× the error of a same-dtype eager implementation (spec §5).
+  float64 reference must be ≤ 2× the error of a same-dtype eager implementation (spec §5), with no
+  additive slack.
 """
 import torch
 
@@ -23,9 +24,18 @@ def rel_error(x, ref64):
     return ((x.to(torch.float64) - ref64).norm() / ref64.norm().clamp_min(1e-30)).item()
 
 
-def assert_low_precision_ok(fused, eager_same_dtype, ref64, what=""):
-    """bf16/fp16: fused error vs float64 ≤ BF16_ERROR_FACTOR × the eager same-dtype error (+ one ulp slack)."""
+def low_precision_ok(fused, eager_same_dtype, ref64):
+    """(ok, fused error, eager error): fused error vs float64 ≤ BF16_ERROR_FACTOR × the eager same-dtype error.
+
+    No additive slack: one bf16 ulp (7.8e-3 relative) is more than a small decay term changes in a few steps
+    (τ = 1e-3 over 5 steps is ~0.5 % of θ), so a slack would let a kernel that drops the decay pass
+    (tests/test_tolerances.py shows the check rejecting one)."""
     e_fused = rel_error(fused, ref64)
     e_eager = rel_error(eager_same_dtype, ref64)
-    ulp = torch.finfo(fused.dtype).eps
-    assert e_fused <= BF16_ERROR_FACTOR * e_eager + ulp, f"{what}: fused rel err {e_fused:.3e} vs eager {e_eager:.3e}"
+    return e_fused <= BF16_ERROR_FACTOR * e_eager, e_fused, e_eager
+
+
+def assert_low_precision_ok(fused, eager_same_dtype, ref64, what=""):
+    """bf16/fp16: fused error vs float64 ≤ BF16_ERROR_FACTOR × the eager same-dtype error (spec §5)."""
+    ok, e_fused, e_eager = low_precision_ok(fused, eager_same_dtype, ref64)
+    assert ok, f"{what}: fused rel err {e_fused:.3e} vs eager {e_eager:.3e}"

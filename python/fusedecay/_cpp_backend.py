@@ -97,9 +97,16 @@ def adam_decay(params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, abs
         maximize=bool(maximize), grad_scale=grad_scale, found_inf=found_inf, chunk_size=int(chunk_size))
 
 
+def abs_sum(x: Tensor) -> Tensor:
+    """Σ|x| of a CPU tensor by the kernel's own chunked, ordered reduction (``fusedecay::abs_sums_``)."""
+    out = torch.empty(1, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    torch.ops.fusedecay.abs_sums_([x.detach()], out)
+    return out[0]
+
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
-CPU_BACKEND = _backends.Backend("cpu", ("cpu",), DTYPES, adam_decay)
+CPU_BACKEND = _backends.Backend("cpu", ("cpu",), DTYPES, adam_decay, extras={"abs_sum": abs_sum})
 _backends.register(CPU_BACKEND)
 
 CUDA_BACKEND = None

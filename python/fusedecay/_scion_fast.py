@@ -7,7 +7,8 @@ It provides two ops for :func:`fusedecay.functional.scionc`:
   bias per tensor.
 * ``scionc`` — a whole group step. Two implementations of the same function:
     - torch path (CPU, and anywhere the Triton one does not apply): foreach ops in the reference's
-      order (fp32/fp64 math), batched NS. On CPU in fp32 it is bit-identical to the reference.
+      order (fp32/fp64 math), batched NS; it agrees with the float64 reference to fp32 tolerance (its
+      matmuls are bmm where the reference's are mm, which need not round alike).
     - Triton path (CUDA, contiguous fp32/bf16/fp16 params, spectral or sign groups; lr a float or a
       tensor — a device lr is read by the kernels, so the step can be captured in a CUDA graph):
       :mod:`fusedecay.triton_kernels.scion_update` fuses momentum, Nesterov, cast, transpose and

@@ -131,12 +131,11 @@ def _group_indices(params: Sequence[Tensor]) -> Dict[Any, List[int]]:
 # AdamHD / AdamC
 # ----------------------------------------------------------------------------------------------
 
-def init_delta_mu(param: Tensor) -> Tensor:
+def init_delta_mu(param: Tensor, backend: str = "auto") -> Tensor:
     """μ_0 = mean|θ_0| over the whole (unsharded) tensor, as a plain 0-d tensor equal on all ranks."""
     if not is_dtensor(param):
-        return F.init_delta_mu(param)
-    x = param.to_local().detach()
-    s = x.to(F._mu_dtype(x.dtype)).abs().sum()
+        return F.init_delta_mu(param, backend)
+    s = F.abs_sum(param.to_local().detach(), backend)
     reduce = _all_reduce_over(_shard_groups(_layout_key(param)))
     if reduce is not None:
         s = reduce(s)

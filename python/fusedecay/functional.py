@@ -39,11 +39,18 @@ def _mu_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
-def init_delta_mu(param: Tensor) -> Tensor:
-    """μ_0 = mean|θ_0| as a 0-d tensor on the param's device (mean of an empty tensor is 0)."""
-    dt = _mu_dtype(param.dtype)
-    s = param.detach().to(dt).abs().sum()
-    return s / max(param.numel(), 1)
+def abs_sum(x: Tensor, backend: str = "auto") -> Tensor:
+    """Σ|x| (0-d, math dtype) by the reduction the backend's kernel uses for Σ|θ_t| when it provides one (the
+    CPU kernel's chunked, ordered sum), else by the reference's fixed-order block sum. Either way the result
+    does not depend on the thread count."""
+    fn = _backends.resolve(backend, x.device, x.dtype).op("abs_sum")
+    return fn(x) if fn is not None else _ref_adam.abs_sum(x)
+
+
+def init_delta_mu(param: Tensor, backend: str = "auto") -> Tensor:
+    """μ_0 = mean|θ_0| as a 0-d tensor on the param's device (mean of an empty tensor is 0), with Σ|θ_0| from
+    :func:`abs_sum`, so δ_1 is the same whatever the thread count."""
+    return abs_sum(param, backend) / max(param.numel(), 1)
 
 
 @torch.no_grad()

@@ -87,7 +87,7 @@ class _AdamDecayBase(Optimizer):
                 state["exp_avg"] = torch.zeros_like(p, dtype=mdt, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=mdt, memory_format=torch.preserve_format)
             if tracks and "delta_mu" not in state:
-                state["delta_mu"] = self._initial_delta_mu(p)
+                state["delta_mu"] = self._initial_delta_mu(p, group["backend"])
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
@@ -96,9 +96,9 @@ class _AdamDecayBase(Optimizer):
             if tracks:
                 mus.append(state["delta_mu"])
 
-    def _initial_delta_mu(self, p: Tensor) -> Tensor:
-        """μ^(l)_0 = mean|θ_0| (the global mean over all shards for a DTensor param)."""
-        return _dist.init_delta_mu(p) if _dist.is_dtensor(p) else init_delta_mu(p)
+    def _initial_delta_mu(self, p: Tensor, backend: str) -> Tensor:
+        """μ^(l)_0 = mean|θ_0| (the global mean over all shards for a DTensor param), reduced in a fixed order."""
+        return _dist.init_delta_mu(p, backend) if _dist.is_dtensor(p) else init_delta_mu(p, backend)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -39,6 +39,26 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Elements per block of the ordered Σ|θ| reduction: below torch's parallel grain size (32768), so each block is
+# summed by one thread.
+ABS_SUM_BLOCK = 4096
+
+
+def abs_sum(x: Tensor) -> Tensor:
+    """Σ_i |x_i| in the math dtype, in an order that does not depend on the thread count.
+
+    torch's own ``x.abs().sum()`` splits a large reduction across threads, so its rounding changes with
+    their number (two runs of one job on different thread counts would start δ from different μ_0). Here
+    |x| is cut into blocks of ``ABS_SUM_BLOCK`` elements, each block is summed as one row of a 2-D sum (one
+    thread per row), and the block sums are reduced the same way until one block is left.
+    """
+    s = x.detach().reshape(-1).to(math_dtype(x.dtype)).abs()
+    while s.numel() > ABS_SUM_BLOCK:
+        rows = -(-s.numel() // ABS_SUM_BLOCK)
+        s = torch.nn.functional.pad(s, (0, rows * ABS_SUM_BLOCK - s.numel())).view(rows, ABS_SUM_BLOCK).sum(dim=1)
+    return s.sum()
+
+
 def huber_prox(y: Tensor, tau: Scalar, delta: Scalar) -> Tensor:
     """prox_{τH_δ}(y), element-wise (AdamHD Eq. 13–14).
 
@@ -114,7 +134,7 @@ def adam_decay_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Te
     else:
         raise ValueError(f"unknown decay kind {decay!r}; expected one of {DECAY_KINDS}")
     param.copy_(new)
-    return param.to(dt).abs().sum()
+    return abs_sum(param)
 
 
 def adam_decay_reference(params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, abs_sums, *,
@@ -146,6 +166,6 @@ def adam_decay_reference(params, grads, exp_avgs, exp_avg_sqs, state_steps, delt
             skip = found_inf.to(torch.bool)
             for dst, old in zip((p, exp_avgs[i], exp_avg_sqs[i]), snapshot):
                 dst.copy_(torch.where(skip, old, dst))
-            s = torch.where(skip, p.to(math_dtype(p.dtype)).abs().sum(), s)
+            s = torch.where(skip, abs_sum(p), s)
         if abs_sums is not None:
             abs_sums[i] = s

@@ -1,0 +1,45 @@
+"""The bf16 acceptance rule in tolerances.py must be able to fail.
+
+A bf16 kernel is accepted when its error against float64 is at most BF16_ERROR_FACTOR × the error of an eager
+bf16 implementation. Here the "kernel" under check is deliberately wrong — AdamW that drops the decay term — and
+the rule must reject it when the decay moved θ by more than bf16 rounding does: τ = γλ = 2.5e-3 per step, 5
+steps (~1.2 % of θ). One bf16 ulp of additive slack (7.8e-3) would accept it: the test checks that too. The updates are written out in this file (no project code), so the test checks the rule, not an
+implementation. (At τ = 1e-3 over 5 steps, ~0.5 % of θ, a missing decay hides in bf16 rounding even without
+slack: the kernel checks use λ large enough to make the decay visible, e.g. test_cpp_kernels.)
+"""
+import torch
+
+from tolerances import BF16_ERROR_FACTOR, low_precision_ok, rel_error
+
+LR, WD, B1, B2, EPS, STEPS = 1e-2, 0.25, 0.9, 0.999, 1e-8, 5
+
+
+def _adamw(theta0, grads, dtype, decay=True):
+    """AdamW with bias correction; math in fp32 (fp64 for the float64 truth), stored in ``dtype`` each step."""
+    math = torch.float64 if dtype == torch.float64 else torch.float32
+    theta = theta0.to(dtype)
+    m = torch.zeros_like(theta)
+    v = torch.zeros_like(theta)
+    for t, g in enumerate(grads, start=1):
+        g = g.to(dtype).to(math)
+        m = (m.to(math) * B1 + g * (1 - B1)).to(dtype)
+        v = (v.to(math) * B2 + g * g * (1 - B2)).to(dtype)
+        u = (m.to(math) / (1 - B1 ** t)) / ((v.to(math) / (1 - B2 ** t)).sqrt() + EPS)
+        keep = 1 - LR * WD if decay else 1.0
+        theta = (theta.to(math) * keep - LR * u).to(dtype)
+    return theta
+
+
+def test_bf16_rule_rejects_an_update_that_drops_the_decay():
+    g = torch.Generator().manual_seed(0)
+    theta0 = torch.randn(4096, generator=g, dtype=torch.float64)
+    grads = [torch.randn(4096, generator=g, dtype=torch.float64) for _ in range(STEPS)]
+    truth = _adamw(theta0, grads, torch.float64)
+    eager = _adamw(theta0, grads, torch.bfloat16)
+    no_decay = _adamw(theta0, grads, torch.bfloat16, decay=False)
+
+    assert low_precision_ok(eager, eager, truth)[0]            # the eager implementation passes its own bar
+    ok, e_wrong, e_eager = low_precision_ok(no_decay, eager, truth)
+    assert not ok, f"a bf16 update without decay was accepted: err {e_wrong:.3e} vs eager {e_eager:.3e}"
+    assert rel_error(no_decay, truth) == e_wrong and e_wrong > BF16_ERROR_FACTOR * e_eager
+    assert e_wrong <= BF16_ERROR_FACTOR * e_eager + torch.finfo(torch.bfloat16).eps   # what a slack would hide
