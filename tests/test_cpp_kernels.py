@@ -456,3 +456,25 @@ def test_opcheck():
               maximize=False, grad_scale=None, found_inf=None, chunk_size=0)
     torch.library.opcheck(torch.ops.fusedecay.adam_decay_.default, args, kw,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_abs_sums_op_matches_float64(dtype):
+    """fusedecay::abs_sums_ (μ_0's Σ|θ_0|, reduced like the update's Σ|θ_t|): float64 truth within the math
+    dtype's tolerance, for odd, empty, non-dense and chunk-straddling tensors; bad ``out`` raises; opcheck.
+    (Its thread-count independence is tested in test_determinism.py.)"""
+    g = torch.Generator().manual_seed(21)
+    xs = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in [(4097,), (0,), (1,), (130, 129)]]
+    xs.append(torch.randn(40, 66, generator=g, dtype=torch.float64).to(dtype)[:, ::3])   # not dense
+    math = torch.float64 if dtype == torch.float64 else torch.float32
+    out = torch.empty(len(xs), dtype=math)
+    torch.ops.fusedecay.abs_sums_(xs, out, chunk_size=64)
+    truth = torch.stack([x.double().abs().sum() for x in xs])
+    assert_close(out, truth.to(math), dtype=math)
+    default_chunks = torch.empty(len(xs), dtype=math)
+    torch.ops.fusedecay.abs_sums_(xs, default_chunks)
+    assert_close(default_chunks, truth.to(math), dtype=math)
+    with pytest.raises(ValueError, match="out"):
+        torch.ops.fusedecay.abs_sums_(xs, torch.empty(2, dtype=math))
+    torch.library.opcheck(torch.ops.fusedecay.abs_sums_.default, (xs[:3], torch.empty(3, dtype=math)), {},
+                          test_utils=("test_schema", "test_faketensor"))
