@@ -59,8 +59,8 @@ def grad_stream(seed=1):
 def make_param(x, dtype, name, device):
     x = x.to(device, dtype)
     if name == "nc":   # a non-contiguous (5, 9) view of a (9, 5) tensor
-        x = x.t().contiguous().t()
-    return torch.nn.Parameter(x.clone() if name != "nc" else x)
+        return torch.nn.Parameter(x.t().contiguous().t())
+    return torch.nn.Parameter(x.clone())
 
 
 def truth_for(kind, g, init_value, maximize):
