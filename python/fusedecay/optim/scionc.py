@@ -18,7 +18,7 @@ from .. import _validate as V
 from .. import backends as _backends
 from .. import distributed as _dist
 from ..functional import scionc
-from ..reference.scion import LMO_KINDS, NS_KINDS
+from ..reference.scion import LMO_KINDS, MATRIX_VIEWS, NS_KINDS
 
 
 class ScionC(Optimizer):
@@ -30,22 +30,28 @@ class ScionC(Optimizer):
         momentum: α, the weight on the *new* gradient (Scion convention), in (0, 1]; default 0.1.
         weight_decay: λ for uncorrected groups (η = γλ). Corrected groups ignore it (η comes from C²);
             a nonzero value there raises, so nothing is silently ignored.
-        lmo: "spectral" (2-D params only) | "sign" | "bias".
+        lmo: "spectral" (params with >= 2 dims) | "sign" | "bias".
         radius: ρ_l > 0. norm_target: C_l² > 0, the steady-state ‖θ‖_F² in units of ‖lmo‖_F².
         corrected: η_t = s²(2 − α)/(2αC²) if True, else γλ.
         ns: "classic" (quintic 3.4445, −4.7750, 2.0315) | "polar_express". ns_steps: iterations (≥ 1).
         ns_dtype: dtype Newton–Schulz runs in (default: bf16 on CUDA, fp32 elsewhere).
         nesterov: the author's Nesterov variant (see reference). maximize: ascend.
         backend: "auto" | "reference" | a registered backend with batched ``scion_directions``.
+        matrix_view: how a weight with more than 2 dims is read as matrices (d_out, d_in) by the spectral
+            and sign LMOs: "batch" (leading dims index matrices: an MoE expert stack (E, d_out, d_in), one
+            orthogonalisation per expert), "flatten" (a conv kernel (d_out, d_in, k, k) as one
+            (d_out, d_in·k·k) matrix), "taps" (one (d_out, d_in) matrix per kernel tap), "transposed"
+            (stored (d_in, d_out), as transformers' ``Conv1D``) or "auto" (default: "batch" up to 3-D,
+            "flatten" from 4-D). See docs/param_groups.md.
     """
 
     def __init__(self, params, lr=0.02, momentum: float = 0.1, weight_decay: float = 0.0, *, lmo: str = "spectral",
                  radius: float = 1.0, norm_target: float = 1.1875, corrected: bool = True, ns: str = "classic",
                  ns_steps: int = 5, ns_dtype: Optional[torch.dtype] = None, nesterov: bool = False,
-                 maximize: bool = False, backend: str = "auto"):
+                 maximize: bool = False, backend: str = "auto", matrix_view: str = "auto"):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, lmo=lmo, radius=radius,
                         norm_target=norm_target, corrected=corrected, ns=ns, ns_steps=ns_steps, ns_dtype=ns_dtype,
-                        nesterov=nesterov, maximize=maximize, backend=backend)
+                        nesterov=nesterov, maximize=maximize, backend=backend, matrix_view=matrix_view)
         self._check_group(defaults, [])
         super().__init__(params, defaults)
         # Optional override of how LMO directions are computed (fn(inputs, lmo=, ns_steps=, ns=, ns_dtype=) -> list);
@@ -73,14 +79,15 @@ class ScionC(Optimizer):
         V.flag("nesterov", g["nesterov"])
         V.flag("maximize", g["maximize"])
         V.choice("backend", g["backend"], _backends.BACKEND_NAMES)
+        V.choice("matrix_view", g["matrix_view"], MATRIX_VIEWS)
         if g["corrected"] and g["weight_decay"] != 0:
             raise ValueError(f"Invalid weight_decay: {g['weight_decay']} on a corrected group (its decay is set by "
                              "norm_target); use corrected=False for plain decay γλ")
         if g["lmo"] == "spectral":
             for p in params:
-                if p.ndim != 2:
-                    raise ValueError(f"Invalid lmo: 'spectral' needs 2-D params, got shape {tuple(p.shape)} "
-                                     "(use lmo='bias' for 1-D params, or reshape conv kernels)")
+                if p.ndim < 2:
+                    raise ValueError(f"Invalid lmo: 'spectral' needs params with >= 2 dims, got shape "
+                                     f"{tuple(p.shape)} (use lmo='bias' for 1-D params)")
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         merged = dict(self.defaults)
@@ -93,6 +100,11 @@ class ScionC(Optimizer):
         self._check_group(merged, params)
         param_group["params"] = params
         super().add_param_group(param_group)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("matrix_view", "auto")  # checkpoints saved before the option existed
 
     def _ns_dtype(self, group, p: Tensor) -> torch.dtype:
         if group["ns_dtype"] is not None:
@@ -129,5 +141,6 @@ class ScionC(Optimizer):
                    radius=group["radius"], norm_target=group["norm_target"], corrected=group["corrected"],
                    weight_decay=group["weight_decay"], ns_steps=group["ns_steps"], ns=group["ns"],
                    ns_dtype=self._ns_dtype(group, params[0]), nesterov=group["nesterov"],
-                   maximize=group["maximize"], backend=group["backend"], lmo_fn=self._lmo_fn)
+                   maximize=group["maximize"], backend=group["backend"], lmo_fn=self._lmo_fn,
+                   matrix_view=group["matrix_view"])
         return loss
