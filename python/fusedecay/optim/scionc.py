@@ -28,8 +28,10 @@ class ScionC(Optimizer):
         params: iterable of params or param-group dicts; groups override any keyword below.
         lr: γ (float or 0-d tensor). The step along the unit LMO direction is s = γ·``radius``.
         momentum: α, the weight on the *new* gradient (Scion convention), in (0, 1]; default 0.1.
-        weight_decay: λ for uncorrected groups (η = γλ). Corrected groups ignore it (η comes from C²);
-            a nonzero value there raises, so nothing is silently ignored.
+        weight_decay: λ for uncorrected groups (η = γλ). Corrected groups take η from C²: a corrected group
+            whose weight_decay (its own, or this default when it sets none) is nonzero raises, so nothing is
+            silently ignored. (``param_groups`` gives its corrected groups weight_decay=0, so this default
+            reaches the sign layers only.)
         lmo: "spectral" (params with >= 2 dims) | "sign" | "bias".
         radius: ρ_l > 0. norm_target: C_l² > 0, the steady-state ‖θ‖_F² in units of ‖lmo‖_F².
         corrected: η_t = s²(2 − α)/(2αC²) if True, else γλ.
@@ -52,7 +54,7 @@ class ScionC(Optimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, lmo=lmo, radius=radius,
                         norm_target=norm_target, corrected=corrected, ns=ns, ns_steps=ns_steps, ns_dtype=ns_dtype,
                         nesterov=nesterov, maximize=maximize, backend=backend, matrix_view=matrix_view)
-        self._check_group(defaults, [])
+        self._check_group(defaults, [], defaults_only=True)
         super().__init__(params, defaults)
         # Optional override of how LMO directions are computed (fn(inputs, lmo=, ns_steps=, ns=, ns_dtype=) -> list);
         # the distributed path calls it on whole matrices on their owner rank. None: the backend's own.
@@ -60,7 +62,10 @@ class ScionC(Optimizer):
         # Set by fusedecay.distributed.split_lmo_work: the group replicated (DDP) params share NS work over.
         self._lmo_process_group = None
 
-    def _check_group(self, g: Dict[str, Any], params) -> None:
+    def _check_group(self, g: Dict[str, Any], params, defaults_only: bool = False) -> None:
+        """Every option of group ``g``; with ``defaults_only`` (the constructor's keywords) the rules that tie
+        options together are left to the groups, which may override either side (e.g. a nonzero
+        ``weight_decay`` default meant for the uncorrected groups only)."""
         V.non_negative("lr", g["lr"])
         for name in ("momentum", "weight_decay", "radius", "norm_target"):
             V.number(name, g[name])
@@ -80,7 +85,7 @@ class ScionC(Optimizer):
         V.flag("maximize", g["maximize"])
         V.choice("backend", g["backend"], _backends.BACKEND_NAMES)
         V.choice("matrix_view", g["matrix_view"], MATRIX_VIEWS)
-        if g["corrected"] and g["weight_decay"] != 0:
+        if not defaults_only and g["corrected"] and g["weight_decay"] != 0:
             raise ValueError(f"Invalid weight_decay: {g['weight_decay']} on a corrected group (its decay is set by "
                              "norm_target); use corrected=False for plain decay γλ")
         if g["lmo"] == "spectral":
