@@ -173,6 +173,23 @@ def test_untied_head_found_whether_or_not_it_is_registered_last():
     assert roles["output"] == [] and "lm_head.weight" in [n for n, _ in roles["hidden"]]
 
 
+def test_head_tied_by_assignment_is_found_without_a_protocol():
+    class NanoGPTStyle(nn.Module):     # nanoGPT ties with `wte.weight = lm_head.weight`; lm_head is not last
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(11, 6)
+            self.lm_head = nn.Linear(6, 11, bias=False)
+            self.wte.weight = self.lm_head.weight
+            self.fc = nn.Linear(6, 6)
+            self.ln_f = nn.LayerNorm(6)
+    model = NanoGPTStyle()
+    roles = param_roles(model)
+    assert [w for _, w in roles["output"]] == [model.lm_head.weight] and roles["embedding"] == []
+    assert [n for n, _ in roles["hidden"]] == ["fc.weight"]
+    groups = param_groups(model, "adamc", decay_embeddings=False)
+    assert _group_of(groups, roles["output"][0][0])["weight_decay"] == 0.0     # the head is the embedding table
+
+
 def test_functionally_tied_head_needs_get_output_embeddings_or_a_name():
     class NoProtocol(GPT):
         get_output_embeddings = None
@@ -272,6 +289,7 @@ def test_options_and_overrides_shape_the_groups():
 @pytest.mark.parametrize("overrides, message", [
     ({"w_in": "hidden", r"w_.*": {"lr": 0.1}}, "named by two overrides"),
     ({"experts.w_in": "hidden"}, "matches no trainable param"),
+    ({"w_": "hidden"}, "matches no trainable param"),                   # regexes match the whole name
     ({"w_in": "matrix"}, "unknown role"),
     ({"w_in": {"lmo_kind": "sign"}}, r"options \['lmo_kind'\]"),
     ({"w_in": 3}, "role name or a dict"),
