@@ -9,8 +9,8 @@ See README.md for the update rules, backends and how each is tested.
 from . import functional, reference
 from .backends import available_backends
 from .groups import ParamGroups, param_groups, param_roles
-from .optim import AdamC, AdamHD, ScionC
+from .optim import AdamC, AdamHD, ScionC, load_adam_state
 
 __version__ = "0.1.0"
-__all__ = ["AdamHD", "AdamC", "ScionC", "param_groups", "param_roles", "ParamGroups", "functional", "reference",
-           "available_backends", "__version__"]
+__all__ = ["AdamHD", "AdamC", "ScionC", "param_groups", "param_roles", "ParamGroups", "load_adam_state", "functional",
+           "reference", "available_backends", "__version__"]

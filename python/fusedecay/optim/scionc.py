@@ -19,6 +19,10 @@ from .. import backends as _backends
 from .. import distributed as _dist
 from ..functional import scionc
 from ..reference.scion import LMO_KINDS, MATRIX_VIEWS, NS_KINDS
+from . import _checkpoint as C
+
+# Options added after checkpoints were first saved: a saved group without one gets the default.
+_OPTIONAL_GROUP_KEYS = ("matrix_view",)
 
 
 class ScionC(Optimizer):
@@ -103,13 +107,32 @@ class ScionC(Optimizer):
             if isinstance(p, Tensor) and (torch.is_complex(p) or not p.is_floating_point()):
                 raise TypeError(f"fusedecay optimizers need real floating-point params, got {p.dtype}")
         self._check_group(merged, params)
+        V.check_params(self.param_groups, len(self.param_groups), params, param_group.get("param_names"))
         param_group["params"] = params
         super().add_param_group(param_group)
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
-            group.setdefault("matrix_view", "auto")  # checkpoints saved before the option existed
+            for key in _OPTIONAL_GROUP_KEYS:
+                group.setdefault(key, self.defaults[key])  # checkpoints saved before the option existed
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """As torch's (the saved hyperparameters replace the current ones), after checking the state dict is a
+        ScionC's and fits these params: group and param counts, ``momentum_buffer`` shapes and dtypes. A
+        mismatch raises naming the param and field, and changes nothing."""
+        C.check_dict(state_dict)
+        if not C.is_native(self, state_dict["param_groups"], set(self.defaults), _OPTIONAL_GROUP_KEYS):
+            missing = sorted(set(self.defaults) - set(_OPTIONAL_GROUP_KEYS)
+                             - set().union(*map(set, state_dict["param_groups"] or [{}])))
+            raise ValueError(f"load_state_dict: not a ScionC state dict: its param groups lack {missing}; a ScionC "
+                             f"needs a momentum_buffer per param (another optimizer's state cannot be mapped)")
+        C.check_native(self, state_dict, self._state_spec, lambda g, saved: {**self.defaults, **saved})
+        super().load_state_dict(state_dict)
+
+    @staticmethod
+    def _state_spec(group, p: Tensor):
+        return {"momentum_buffer": (tuple(p.shape), p.dtype)}, {}
 
     def _ns_dtype(self, group, p: Tensor) -> torch.dtype:
         if group["ns_dtype"] is not None:
@@ -118,18 +141,30 @@ class ScionC(Optimizer):
             return torch.float64
         return torch.bfloat16 if p.device.type == "cuda" else torch.float32
 
+    def _check_step_inputs(self) -> None:
+        """Every grad and state before anything is written (attribute reads only: this runs every step)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                try:
+                    V.grad_ok(p)
+                    V.state_on_param_device(p, self.state.get(p, {}), "momentum_buffer")
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"{V.param_label(self.param_groups, p)}: {e}") from None
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_step_inputs()
         for group in self.param_groups:
             params, grads, bufs = [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                V.grad_ok(p)
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
