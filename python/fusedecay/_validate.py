@@ -115,9 +115,9 @@ def check_params(groups, group_index: int, params, names=None) -> None:
     for k, p in enumerate(params):
         label = f"param '{names[k]}'" if names and k < len(names) else f"param {k} (shape {tuple(p.shape)})"
         if id(p) in seen:
-            raise ValueError(f"{label} of param_groups[{group_index}] appears twice in that group (also as "
-                             f"param {seen[id(p)]})")
-        seen[id(p)] = k
+            raise ValueError(f"{label} of param_groups[{group_index}] is the same tensor as {seen[id(p)]} of that "
+                             f"group; a param may appear once")
+        seen[id(p)] = label
         for gi, g in enumerate(groups):
             if any(q is p for q in g["params"]):
                 raise ValueError(f"{label} of param_groups[{group_index}] is already in param_groups[{gi}] "
