@@ -271,6 +271,50 @@ def _check_dcp_resume(kind, ckpt_root):
     return check
 
 
+def _check_dcp_switch_from_adamw(kind, ckpt_root):
+    """A torch AdamW checkpoint (DCP) loaded into AdamHD/AdamC with set_optimizer_state_dict: the same as the
+    single-process switch (AdamHD/AdamC.load_state_dict of AdamW's state dict, tested against a float64 closed
+    form in test_switch_optimizer.py), params and every state tensor after the switched steps."""
+    def check(rank):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                             set_model_state_dict, set_optimizer_state_dict)
+
+        new_opt = {"adamhd": lambda m: AdamHD(_param_groups(m, kind), lr=0.02, weight_decay=0.3, delta_beta=0.9),
+                   "adamc": lambda m: AdamC(_param_groups(m, kind), lr=0.02, weight_decay=0.3)}[kind]
+        adamw = lambda m: torch.optim.AdamW(_param_groups(m, kind), lr=0.03, betas=(0.8, 0.9), weight_decay=0.1)  # noqa: E731
+        batches = _batches(4)
+        path = os.path.join(ckpt_root, f"switch_{kind}")
+
+        torch.manual_seed(0)
+        ref = Net()
+        ref_first = adamw(ref)
+        _train(ref, ref_first, batches[:2], 0)
+        ref_opt = new_opt(ref)
+        ref_opt.load_state_dict(ref_first.state_dict())
+        _train(ref, ref_opt, batches[2:], 2)
+
+        torch.manual_seed(0)
+        model = _shard_model(Net())
+        first = adamw(model)
+        _train(model, first, batches[:2], 0, rank)
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, first)},
+                 checkpoint_id=path)
+
+        torch.manual_seed(1)                                          # a fresh run: everything comes from the load
+        resumed = _shard_model(Net())
+        template = adamw(resumed)                                     # holds the AdamW state DCP loads into
+        sd = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, template)}
+        dcp.load(sd, checkpoint_id=path)
+        set_model_state_dict(resumed, sd["model"])
+        opt = new_opt(resumed)
+        set_optimizer_state_dict(resumed, opt, sd["optim"])
+        assert opt.param_groups[0]["weight_decay"] == 0.3 and opt.param_groups[0]["betas"] == (0.9, 0.999)
+        _train(resumed, opt, batches[2:], 2, rank)
+        _assert_matches_reference(ref, ref_opt, resumed, opt)
+    return check
+
+
 class _CountingLMO:
     """The per-tensor reference LMO, counting the matrices it is given on this rank."""
 
@@ -464,6 +508,7 @@ def _checks(ckpt_root):
     checks["unsupported"] = _check_unsupported_layouts_raise
     checks["nd_sharded_lmo"] = _check_nd_sharded_lmo_is_the_polar_factor
     checks["nd_scionc_steps"] = _check_nd_scionc_steps_match_closed_form
+    checks.update({f"dcp_switch_{k}": _check_dcp_switch_from_adamw(k, ckpt_root) for k in ("adamhd", "adamc")})
     return checks
 
 
@@ -544,6 +589,11 @@ def test_state_symmetric_across_ranks_and_delta_mu_replicated(results):
 @pytest.mark.parametrize("kind", ["adamhd", "adamc", "scionc"])
 def test_dcp_resume_is_identical_to_uninterrupted_run(results, kind):
     _assert_ok(results, f"dcp_{kind}")
+
+
+@pytest.mark.parametrize("kind", ["adamhd", "adamc"])
+def test_dcp_adamw_checkpoint_switches_into_adamhd_and_adamc(results, kind):
+    _assert_ok(results, f"dcp_switch_{kind}")
 
 
 def test_fsdp2_newton_schulz_runs_once_per_whole_matrix(results):
