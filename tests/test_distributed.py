@@ -303,7 +303,7 @@ def _check_dcp_switch_from_adamw(kind, ckpt_root):
 
         torch.manual_seed(1)                                          # a fresh run: everything comes from the load
         resumed = _shard_model(Net())
-        template = adamw(resumed)                                     # holds the AdamW state DCP loads into
+        template = torch.optim.AdamW(resumed.parameters())            # only holds the AdamW state DCP loads
         sd = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, template)}
         dcp.load(sd, checkpoint_id=path)
         set_model_state_dict(resumed, sd["model"])

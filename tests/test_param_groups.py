@@ -317,7 +317,7 @@ def test_bad_arguments_raise():
 def test_summary_shows_role_lmo_decay_shape_and_counts():
     text = str(param_groups(_demo_gpt(), "scionc"))
     lines = text.splitlines()
-    assert "output layer: wte.weight (model.get_output_embeddings())" in lines[0]
+    assert "output layer: wte.weight (found by model.get_output_embeddings())" in lines[0]
     rows = [re.split(r"\s{2,}", line.strip()) for line in lines[2:-1]]
     # group, role, lmo, [view], decay, shape, params, names
     by_role = {}
@@ -327,8 +327,7 @@ def test_summary_shows_role_lmo_decay_shape_and_counts():
     assert all(r[2] == "spectral" and r[3] == "corrected (C²)" for r in by_role["hidden"])
     assert sum(int(r[5]) for r in by_role["hidden"]) == 8
     assert by_role["output"] == [["2", "output", "sign", "plain γλ", "(40, 16)", "1", "wte.weight"]]
-    assert lines[-1] == ("per role: hidden 8 (6,144 elements), embedding 1 (128 elements), output 1 (640 elements), "
-                         "norm 5 (80 elements)")
+    assert lines[-1] == "params (elements) per role: hidden 8 (6,144) | embedding 1 (128) | output 1 (640) | norm 5 (80)"
     adamc = str(param_groups(_demo_gpt(), "adamc")).splitlines()
     assert any(re.match(r"2\s+output\s+λ, plain\s+\(40, 16\)\s+1\s+wte.weight", line) for line in adamc)
     assert any(re.match(r"3\s+norm\s+none\s+\(16,\)\s+5", line) for line in adamc)

@@ -119,10 +119,10 @@ def _find_output(model: nn.Module, params: List[_Param]) -> Tuple[Optional[_Para
         head = get_out()
         w = getattr(head, "weight", None) if head is not None else None
         if isinstance(w, Tensor) and id(w) in by_id:
-            return by_id[id(w)], "model.get_output_embeddings()"
+            return by_id[id(w)], "found by model.get_output_embeddings()"
     tied = [e for e in params if any(_is_embedding(o) for o in e.owners) and any(not _is_embedding(o) for o in e.owners)]
     if len(tied) == 1:
-        return tied[0], "tied to an embedding"
+        return tied[0], "found tied to an embedding"
     if len(tied) > 1:
         raise ValueError(f"param_groups: several params are tied between an embedding and another module "
                          f"({', '.join(e.name for e in tied)}); name the output layer with output='...'")
@@ -131,7 +131,7 @@ def _find_output(model: nn.Module, params: List[_Param]) -> Tuple[Optional[_Para
         if any(True for _ in mod.parameters(recurse=False)):
             last = mod
     if isinstance(last, nn.Linear) and id(last.weight) in by_id:
-        return by_id[id(last.weight)], "last layer (nn.Linear)"
+        return by_id[id(last.weight)], "found as the last layer, an nn.Linear"
     return None, ""
 
 
@@ -344,8 +344,9 @@ class ParamGroups(list):
         for g, role in zip(self, self.group_roles):
             counts[role][0] += len(g["params"])
             counts[role][1] += sum(p.numel() for p in g["params"])
-        per_role = ", ".join(f"{r} {counts[r][0]} ({counts[r][1]:,} elements)" for r in ROLES if r in counts)
-        lines.append(f"per role: {per_role}" + (f"; frozen, not in any group: {self.frozen}" if self.frozen else ""))
+        per_role = " | ".join(f"{r} {counts[r][0]} ({counts[r][1]:,})" for r in ROLES if r in counts)
+        lines.append(f"params (elements) per role: {per_role}"
+                     + (f"; frozen, not in any group: {self.frozen}" if self.frozen else ""))
         return "\n".join(lines)
 
     def __str__(self) -> str:
