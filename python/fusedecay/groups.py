@@ -42,11 +42,10 @@ params (``requires_grad=False``) are left out.
 from __future__ import annotations
 
 import inspect
-import math
 import re
 import sys
 from collections import defaultdict
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn

@@ -80,6 +80,8 @@ def check_native(optimizer: Optimizer, state_dict: Mapping[str, Any], spec: Call
     for key, st in state_dict["state"].items():
         if key not in owner:
             raise ValueError(f"load_state_dict: state has an entry for {key!r}, which no param group lists")
+        if isinstance(st, Mapping) and not st:
+            continue   # an empty entry (torch's state is a defaultdict: reading it makes one)
         p, group = owner[key]
         check_param_state(optimizer, p, st, *spec(group, p))
 
@@ -133,8 +135,14 @@ def restore_saved_tensors(optimizer: Optimizer, state_dict: Mapping[str, Any]) -
 # Switching from another Adam
 # ----------------------------------------------------------------------------------------------
 
+def _named(groups: List[dict]) -> bool:
+    return all(g.get("param_names") is not None and len(g["param_names"]) == len(g["params"]) for g in groups)
+
+
 def _match_params(optimizer: Optimizer, state_dict: Mapping[str, Any]) -> List[Tuple[Any, Tensor]]:
-    """(saved key, param) pairs: by param_names when both sides name every param, else in order."""
+    """(saved key, param) pairs: by param_names when both sides name every param, else in order. Under DCP
+    (keys are parameter names, not indices) ``set_optimizer_state_dict`` has already ordered the saved
+    params like this optimizer's, and the names it copies into the groups are the old optimizer's."""
     saved = _saved_params(state_dict)
     params = list(chain.from_iterable(g["params"] for g in optimizer.param_groups))
     if len(saved) != len(params):
@@ -142,7 +150,8 @@ def _match_params(optimizer: Optimizer, state_dict: Mapping[str, Any]) -> List[T
                          f"(a switch matches params in order over all groups)")
     saved_names = [g.get("param_names") for g in state_dict["param_groups"]]
     names = [g.get("param_names") for g in optimizer.param_groups]
-    if all(n is not None for n in saved_names + names):
+    by_index = all(isinstance(k, int) for k in saved)
+    if by_index and _named(state_dict["param_groups"]) and _named(optimizer.param_groups):
         by_name = dict(zip(chain.from_iterable(saved_names), saved))
         pairs = []
         for n, p in zip(chain.from_iterable(names), params):
@@ -173,8 +182,6 @@ def adam_state_as_native(optimizer: Optimizer, state_dict: Mapping[str, Any],
         if not st:
             continue
         group = group_of[id(p)]
-        mdt = moment_dtype(group, p)
-        spec = {"step": ((), None), "exp_avg": (tuple(p.shape), None), "exp_avg_sq": (tuple(p.shape), None)}
         label = param_label(optimizer.param_groups, p)
         missing = [k for k in ADAM_FIELDS if k not in st]
         unknown = sorted(set(st) - set(ADAM_FIELDS) - set(_DROPPED))
@@ -184,13 +191,14 @@ def adam_state_as_native(optimizer: Optimizer, state_dict: Mapping[str, Any],
         _check_field(label, "step", st["step"], (), None)
         for name in ("exp_avg", "exp_avg_sq"):
             v = st[name]
-            if not isinstance(v, Tensor) or not v.is_floating_point() or tuple(v.shape) != spec[name][0]:
+            if not isinstance(v, Tensor) or not v.is_floating_point() or v.shape != p.shape:
                 got = f"{v.dtype} tensor of shape {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
                 raise ValueError(f"load_state_dict: '{name}' of {label} is a {got}, expected a floating tensor of "
-                                 f"shape {spec[name][0]}")
+                                 f"shape {tuple(p.shape)}")
         dropped |= {k for k in st if k in _DROPPED and _DROPPED[k]}
         step = st["step"]
         step = step.detach().reshape(()) if isinstance(step, Tensor) else torch.tensor(float(step))
+        mdt = moment_dtype(group, p)
         entry = {"step": step.to(dtype=torch.float32, device=step_device(group, p)),
                  "exp_avg": st["exp_avg"].to(device=p.device, dtype=mdt),
                  "exp_avg_sq": st["exp_avg_sq"].to(device=p.device, dtype=mdt)}
