@@ -126,7 +126,7 @@ def test_another_optimizers_unmappable_state_raises(kind, other):
 @pytest.mark.parametrize("kind", list(OPTIMIZERS))
 def test_a_valid_load_still_round_trips_bitwise(kind):
     opt, ps = _setup(kind)
-    extra = torch.nn.Parameter(torch.randn(2))
+    extra = torch.nn.Parameter(torch.randn(2, 2))
     opt.add_param_group({"params": [extra], "param_names": ["extra"]})
     assert opt.state[extra] == {}      # reading torch's defaultdict state leaves an empty entry, saved as such
     snap = _snapshot(opt, ps + [extra])
