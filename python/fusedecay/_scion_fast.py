@@ -8,8 +8,7 @@ It provides two ops for :func:`fusedecay.functional.scionc`:
 * ``scionc`` — a whole group step. Two implementations of the same function:
     - torch path (CPU, and anywhere the Triton one does not apply): foreach ops in the reference's
       order (fp32/fp64 math), batched NS. On CPU in fp32 it is bit-identical to the reference.
-    - Triton path (CUDA, contiguous fp32/bf16/fp16 params, sign groups or spectral groups of 2-D
-      weights read as stored — N-D and "transposed" ``matrix_view`` take the torch path; lr a float or a
+    - Triton path (CUDA, contiguous fp32/bf16/fp16 params, spectral or sign groups; lr a float or a
       tensor — a device lr is read by the kernels, so the step can be captured in a CUDA graph):
       :mod:`fusedecay.triton_kernels.scion_update` fuses momentum, Nesterov, cast, transpose and
       stacking into one pass that writes the NS input; NS runs batched in ``ns_dtype``; a second pass
