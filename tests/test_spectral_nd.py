@@ -133,3 +133,40 @@ def test_scionc_rejects_a_bad_matrix_view_and_spectral_on_vectors():
         ScionC([torch.nn.Parameter(torch.randn(2, 3, 4))], matrix_view="experts")
     with pytest.raises(ValueError, match=">= 2 dims"):
         ScionC([torch.nn.Parameter(torch.randn(4))], lmo="spectral")
+
+
+@pytest.mark.triton
+def test_triton_passes_take_sign_groups_of_any_shape_and_leave_nd_spectral_to_the_torch_path(monkeypatch):
+    """The batched backend's Triton step (under the interpreter on CPU tensors, as tests/test_scionc_truth.py
+    drives it): a sign group of a flattened conv kernel runs there with d_in = d_in·k·k; expert-stack and
+    transposed spectral groups go to the torch path; all match the float64 closed form."""
+    ran = []
+    real_step = fast._step_triton
+
+    def step_triton(params, *args, **kw):
+        ran.append((kw["lmo"], kw["matrix_view"], tuple(tuple(p.shape) for p in params)))
+        return real_step(params, *args, **kw)
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(fast, "_triton_applies", lambda params, grads, bufs, lr, lmo: lmo in ("spectral", "sign"))
+    monkeypatch.setattr(fast, "_step_triton", step_triton)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(5)
+    cases = [((3, 10, 6), "auto", "batch", "spectral"), ((6, 10), "transposed", "transposed", "spectral"),
+             ((5, 3, 2, 2), "flatten", "flatten", "sign"), ((10, 6), "auto", "batch", "spectral")]
+    params = [torch.nn.Parameter(torch.randn(shape, generator=g).to(device)) for shape, _, _, _ in cases]
+    opt = ScionC([{"params": [p], "matrix_view": view, "lmo": lmo} for p, (_, view, _, lmo) in zip(params, cases)],
+                 lr=LR, momentum=1.0, radius=RADIUS, norm_target=NORM_TARGET, ns=NS, ns_steps=NS_STEPS,
+                 ns_dtype=torch.float32, backend="batched")
+    want = []
+    s = LR * RADIUS
+    eta = s * s * (2 - 1.0) / (2 * 1.0 * NORM_TARGET)
+    for p, (shape, _, truth_view, lmo) in zip(params, cases):
+        grad = well_conditioned(shape, truth_view, g)
+        p.grad = grad.to(device=device, dtype=torch.float32)
+        d = spectral_truth(grad, truth_view) if lmo == "spectral" else sign_truth(grad, truth_view)
+        want.append((1 - eta) * p.detach().double().cpu() - s * d)
+    opt.step()
+    assert ran == [("sign", "flatten", ((5, 3, 2, 2),)), ("spectral", "auto", ((10, 6),))]
+    for p, w, case in zip(params, want, cases):
+        assert_close(p.detach().cpu(), w, dtype=torch.float32, msg=str(case))

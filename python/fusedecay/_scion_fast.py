@@ -48,12 +48,14 @@ def scion_directions(inputs: List[Tensor], *, lmo: str, ns_steps: int, ns: str,
     raise ValueError(f"unknown lmo {lmo!r}; expected one of {_ref.LMO_KINDS}")
 
 
-def _triton_applies(params: List[Tensor], grads: List[Tensor], bufs: List[Tensor], lr, lmo: str,
-                    matrix_view: str) -> bool:
+def _stacks_as_stored(params: List[Tensor], lmo: str, matrix_view: str) -> bool:
+    """The Triton passes stack 2-D weights as stored: N-D and transposed spectral weights take the torch path."""
+    return lmo != "spectral" or (matrix_view != "transposed" and all(p.ndim == 2 for p in params))
+
+
+def _triton_applies(params: List[Tensor], grads: List[Tensor], bufs: List[Tensor], lr, lmo: str) -> bool:
     if _tk is None or lmo not in ("spectral", "sign"):
         return False
-    if lmo == "spectral" and (matrix_view == "transposed" or any(p.ndim != 2 for p in params)):
-        return False  # the fused passes stack whole 2-D matrices; N-D and transposed weights take the torch path
     p0 = params[0]
     if p0.device.type != "cuda" or p0.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
@@ -73,7 +75,7 @@ def scionc_group_step(params: List[Tensor], grads: List[Tensor], momentum_buffer
     hyper = dict(lr=lr, momentum=momentum, lmo=lmo, radius=radius, norm_target=norm_target, corrected=corrected,
                  weight_decay=weight_decay, ns_steps=ns_steps, ns=ns, ns_dtype=ns_dtype, nesterov=nesterov,
                  maximize=maximize, matrix_view=matrix_view)
-    if _triton_applies(params, grads, momentum_buffers, lr, lmo, matrix_view):
+    if _stacks_as_stored(params, lmo, matrix_view) and _triton_applies(params, grads, momentum_buffers, lr, lmo):
         _step_triton(params, grads, momentum_buffers, **hyper)
     else:
         _step_torch(params, grads, momentum_buffers, **hyper)
