@@ -24,7 +24,7 @@ python3 -m venv "$WORK/venv"
 PY="$WORK/venv/bin/python"
 "$PY" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 "$PY" -m pip install -q "$TORCH_SPEC" "$TRITON_SPEC" "numpy<2.4" ninja setuptools wheel pytest pytest-benchmark \
-    matplotlib tqdm 2>&1 | grep -v "^WARNING: Location" || true
+    matplotlib tqdm transformers 2>&1 | grep -v "^WARNING: Location" || true
 "$PY" -c "import torch, triton; print('device versions: torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 "$PY" -c "import sys, torch; sys.exit(0 if torch.version.cuda else 'this torch is not a CUDA build: no CUDA extension to check')"
 echo "[device_versions] venv ready (+$(( SECONDS - T0 ))s)"

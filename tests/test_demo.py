@@ -102,7 +102,8 @@ def test_optimizer_groups_follow_the_papers_layer_rules():
     assert scionc.defaults["momentum"] == 0.1
     hd = build_optimizer("adamhd", model, hp)
     assert hd.defaults["delta_mode"] == "ema" and hd.defaults["update"] == "prox"
-    assert [g["weight_decay"] for g in hd.param_groups] == [hp.weight_decay, 0.0]
+    assert all(g["weight_decay"] == (hp.weight_decay if g["params"][0].ndim == 2 else 0.0) for g in hd.param_groups)
+    assert {p.ndim for g in hd.param_groups for p in g["params"]} == {1, 2}
     with pytest.raises(ValueError, match="unknown optimizer"):
         build_optimizer("sgd", model, hp)
 

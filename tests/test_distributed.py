@@ -22,6 +22,7 @@ from fusedecay import AdamC, AdamHD, ScionC
 from fusedecay import distributed as fd
 from fusedecay.functional import scion_directions_reference
 from fusedecay.reference import lmo as reference_lmo
+from spectral_truth import NS, NS_STEPS, sign_truth, spectral_truth, well_conditioned
 from tolerances import assert_close
 
 WORLD = 2
@@ -270,6 +271,50 @@ def _check_dcp_resume(kind, ckpt_root):
     return check
 
 
+def _check_dcp_switch_from_adamw(kind, ckpt_root):
+    """A torch AdamW checkpoint (DCP) loaded into AdamHD/AdamC with set_optimizer_state_dict: the same as the
+    single-process switch (AdamHD/AdamC.load_state_dict of AdamW's state dict, tested against a float64 closed
+    form in test_switch_optimizer.py), params and every state tensor after the switched steps."""
+    def check(rank):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                             set_model_state_dict, set_optimizer_state_dict)
+
+        new_opt = {"adamhd": lambda m: AdamHD(_param_groups(m, kind), lr=0.02, weight_decay=0.3, delta_beta=0.9),
+                   "adamc": lambda m: AdamC(_param_groups(m, kind), lr=0.02, weight_decay=0.3)}[kind]
+        adamw = lambda m: torch.optim.AdamW(_param_groups(m, kind), lr=0.03, betas=(0.8, 0.9), weight_decay=0.1)  # noqa: E731
+        batches = _batches(4)
+        path = os.path.join(ckpt_root, f"switch_{kind}")
+
+        torch.manual_seed(0)
+        ref = Net()
+        ref_first = adamw(ref)
+        _train(ref, ref_first, batches[:2], 0)
+        ref_opt = new_opt(ref)
+        ref_opt.load_state_dict(ref_first.state_dict())
+        _train(ref, ref_opt, batches[2:], 2)
+
+        torch.manual_seed(0)
+        model = _shard_model(Net())
+        first = adamw(model)
+        _train(model, first, batches[:2], 0, rank)
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, first)},
+                 checkpoint_id=path)
+
+        torch.manual_seed(1)                                          # a fresh run: everything comes from the load
+        resumed = _shard_model(Net())
+        template = torch.optim.AdamW(resumed.parameters())            # only holds the AdamW state DCP loads
+        sd = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, template)}
+        dcp.load(sd, checkpoint_id=path)
+        set_model_state_dict(resumed, sd["model"])
+        opt = new_opt(resumed)
+        set_optimizer_state_dict(resumed, opt, sd["optim"])
+        assert opt.param_groups[0]["weight_decay"] == 0.3 and opt.param_groups[0]["betas"] == (0.9, 0.999)
+        _train(resumed, opt, batches[2:], 2, rank)
+        _assert_matches_reference(ref, ref_opt, resumed, opt)
+    return check
+
+
 class _CountingLMO:
     """The per-tensor reference LMO, counting the matrices it is given on this rank."""
 
@@ -364,6 +409,92 @@ def _check_unsupported_layouts_raise(rank):
         opt.step()
 
 
+# N-D weights: (global shape, placement, matrix_view given, the truth's view, whole matrices local?)
+_ND_CASES = [
+    ((3, 10, 6), "Shard(0)", "auto", "batch", True),        # expert stack over E, uneven 2+1: each rank its experts
+    ((1, 4, 3), "Shard(0)", "auto", "batch", True),         # rank 1 holds no expert
+    ((4, 10, 6), "Shard(1)", "batch", "batch", False),      # over d_out: exchanged like a sharded matrix
+    ((2, 6, 10), "Shard(2)", "auto", "batch", False),       # over d_in
+    ((5, 3, 2, 2), "Shard(0)", "auto", "flatten", False),   # conv kernel, flattened, sharded over d_out
+    ((4, 6, 3), "Shard(2)", "flatten", "flatten", False),   # conv1d kernel sharded over its taps, flattened
+    ((5, 3, 2, 2), "Shard(2)", "taps", "taps", True),       # per tap, sharded over taps: whole matrices local
+    ((5, 3, 2, 2), "Shard(1)", "taps", "taps", False),
+    ((6, 10), "Shard(0)", "transposed", "transposed", False),
+]
+
+
+def _placement(text):
+    from torch.distributed.tensor import Shard
+    return Shard(int(text[6:-1]))
+
+
+def _check_nd_sharded_lmo_is_the_polar_factor(rank):
+    """DistributedLMO on sharded N-D weights (float64) == the per-matrix SVD polar factor, sliced; a weight
+    sharded along a dim that indexes matrices is computed where it lies, the others on one owner. The sign
+    LMO divides by the view's global d_in."""
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = _mesh()
+    g = torch.Generator().manual_seed(11)     # the same inputs on every rank
+    for shape, pl, view, truth_view, local in _ND_CASES:
+        full = well_conditioned(shape, truth_view, g)
+        d = distribute_tensor(full, mesh, [_placement(pl)])
+        seen = []
+
+        def inner(inputs, **kw):
+            seen.extend(tuple(m.shape) for m in inputs)
+            return scion_directions_reference(inputs, **kw)
+
+        lmo_fn = fd.DistributedLMO([(fd._layout_key(d), shape)], inner)
+        out, = lmo_fn([d.to_local()], lmo="spectral", ns_steps=NS_STEPS, ns=NS, ns_dtype=None, matrix_view=view)
+        assert_close(out, _slice(spectral_truth(full, truth_view), d), msg=f"{shape} {pl} {view}")
+        if local:
+            assert seen == [tuple(d.to_local().shape)], (shape, pl, seen)
+        else:
+            assert seen in ([shape], []) and _count_total(len(seen)) == 1, (shape, pl, seen)
+        out, = lmo_fn([d.to_local()], lmo="sign", ns_steps=NS_STEPS, ns=NS, ns_dtype=None, matrix_view=view)
+        assert torch.equal(out, _slice(sign_truth(full, truth_view), d)), f"sign {shape} {pl} {view}"
+
+
+def _check_nd_scionc_steps_match_closed_form(rank):
+    """ScionC steps on FSDP2-sharded expert stacks (fully_shard: Shard(0)) and on DTensor N-D weights sharded
+    elsewhere, float64, against the float64 closed form with the per-matrix SVD polar factor."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = _mesh()
+    g = torch.Generator().manual_seed(12)
+    alpha, lr, radius, c2 = 0.5, 0.05, 2.0, 1.5
+    experts = nn.Module()
+    experts.w_in = nn.Parameter(torch.randn(3, 10, 6, dtype=torch.float64, generator=g))
+    experts.w_out = nn.Parameter(torch.randn(3, 6, 10, dtype=torch.float64, generator=g))
+    full0 = [experts.w_in.detach().clone(), experts.w_out.detach().clone()]
+    fully_shard(experts, mesh=mesh)
+    params = [(experts.w_in, "batch", "auto"), (experts.w_out, "batch", "auto")]
+    for shape, pl, view, truth_view, _ in _ND_CASES[2:6]:
+        full = torch.randn(shape, dtype=torch.float64, generator=g)
+        full0.append(full)
+        params.append((nn.Parameter(distribute_tensor(full.clone(), mesh, [_placement(pl)])), truth_view, view))
+    assert all(fd.is_dtensor(p) for p, _, _ in params)
+    assert experts.w_in.placements[0].is_shard(0) and experts.w_in.to_local().shape[0] == (2 if rank == 0 else 1)
+    opt = ScionC([{"params": [p], "matrix_view": v} for p, _, v in params], lr=lr, momentum=alpha, radius=radius,
+                 norm_target=c2, ns=NS, ns_steps=NS_STEPS)
+    theta = [f.clone() for f in full0]
+    buf = [torch.zeros_like(f) for f in full0]
+    s = lr * radius
+    eta = s * s * (2 - alpha) / (2 * alpha * c2)
+    for _ in range(2):
+        for i, (p, truth_view, _) in enumerate(params):
+            grad = (well_conditioned(p.shape, truth_view, g) - (1 - alpha) * buf[i]) / alpha
+            p.grad = distribute_tensor(grad, mesh, list(p.placements))
+            buf[i] = (1 - alpha) * buf[i] + alpha * grad
+            theta[i] = (1 - eta) * theta[i] - s * spectral_truth(buf[i], truth_view)
+        opt.step()
+    for (p, truth_view, _), want, m in zip(params, theta, buf):
+        assert_close(p.to_local(), _slice(want, p), msg=f"param {tuple(p.shape)} {p.placements}")
+        assert_close(opt.state[p]["momentum_buffer"].to_local(), _slice(m, p), msg=f"momentum {tuple(p.shape)}")
+
+
 def _checks(ckpt_root):
     checks = {f"parity_{k}": _check_parity(k) for k in ("adamhd", "adamhd_mean", "adamc", "scionc")}
     checks.update({f"parity_hsdp_{k}": _check_parity(k, hsdp=True) for k in ("adamhd", "scionc")})
@@ -375,6 +506,9 @@ def _checks(ckpt_root):
     checks["ddp_scionc"] = _check_ddp_scionc
     checks["sharded_lmo"] = _check_sharded_lmo_is_whole_matrix_lmo
     checks["unsupported"] = _check_unsupported_layouts_raise
+    checks["nd_sharded_lmo"] = _check_nd_sharded_lmo_is_the_polar_factor
+    checks["nd_scionc_steps"] = _check_nd_scionc_steps_match_closed_form
+    checks.update({f"dcp_switch_{k}": _check_dcp_switch_from_adamw(k, ckpt_root) for k in ("adamhd", "adamc")})
     return checks
 
 
@@ -457,6 +591,11 @@ def test_dcp_resume_is_identical_to_uninterrupted_run(results, kind):
     _assert_ok(results, f"dcp_{kind}")
 
 
+@pytest.mark.parametrize("kind", ["adamhd", "adamc"])
+def test_dcp_adamw_checkpoint_switches_into_adamhd_and_adamc(results, kind):
+    _assert_ok(results, f"dcp_switch_{kind}")
+
+
 def test_fsdp2_newton_schulz_runs_once_per_whole_matrix(results):
     _assert_ok(results, "fsdp_ns_split")
 
@@ -471,6 +610,15 @@ def test_sharded_lmo_equals_whole_matrix_lmo(results):
 
 def test_unsupported_layouts_and_mislaid_grads_raise(results):
     _assert_ok(results, "unsupported")
+
+
+def test_sharded_nd_weights_get_the_per_matrix_polar_factor(results):
+    """Expert stacks, conv kernels (flattened or per tap) and transposed weights, sharded on each dim."""
+    _assert_ok(results, "nd_sharded_lmo")
+
+
+def test_fsdp2_expert_stacks_scionc_steps_match_closed_form(results):
+    _assert_ok(results, "nd_scionc_steps")
 
 
 # -- single-process (no spawn) -------------------------------------------------------------------

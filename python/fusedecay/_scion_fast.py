@@ -34,19 +34,24 @@ except Exception:  # pragma: no cover - depends on the install
 
 
 def scion_directions(inputs: List[Tensor], *, lmo: str, ns_steps: int, ns: str,
-                     ns_dtype: Optional[torch.dtype]) -> List[Tensor]:
+                     ns_dtype: Optional[torch.dtype], matrix_view: str = "auto") -> List[Tensor]:
     """Unit LMO directions (the same function as ``functional.scion_directions_reference``)."""
     if not inputs:
         return []
     if lmo == "spectral":
-        return spectral_directions(inputs, ns_steps, ns, ns_dtype)
+        return spectral_directions(inputs, ns_steps, ns, ns_dtype, matrix_view=matrix_view)
     if lmo == "sign":
         d = torch._foreach_sign(inputs)
-        torch._foreach_div_(d, [m.shape[-1] if m.ndim >= 2 else 1 for m in inputs])   # sign(m)/d_in
+        torch._foreach_div_(d, [_ref.matrix_dims(m.shape, matrix_view)[1] for m in inputs])   # sign(m)/d_in
         return list(d)
     if lmo == "bias":
         return [_ref.bias_lmo(m) for m in inputs]
     raise ValueError(f"unknown lmo {lmo!r}; expected one of {_ref.LMO_KINDS}")
+
+
+def _stacks_as_stored(params: List[Tensor], lmo: str, matrix_view: str) -> bool:
+    """The Triton passes stack 2-D weights as stored: N-D and transposed spectral weights take the torch path."""
+    return lmo != "spectral" or (matrix_view != "transposed" and all(p.ndim == 2 for p in params))
 
 
 def _triton_applies(params: List[Tensor], grads: List[Tensor], bufs: List[Tensor], lr, lmo: str) -> bool:
@@ -63,21 +68,22 @@ def _triton_applies(params: List[Tensor], grads: List[Tensor], bufs: List[Tensor
 def scionc_group_step(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *, lr,
                       momentum: float, lmo: str, radius: float, norm_target: float, corrected: bool,
                       weight_decay: float, ns_steps: int = 5, ns: str = "classic",
-                      ns_dtype: Optional[torch.dtype] = None, nesterov: bool = False, maximize: bool = False) -> None:
+                      ns_dtype: Optional[torch.dtype] = None, nesterov: bool = False, maximize: bool = False,
+                      matrix_view: str = "auto") -> None:
     """One ScionC step for one param group (signature of ``functional.scionc`` less backend/lmo_fn)."""
     if not params:
         return
     hyper = dict(lr=lr, momentum=momentum, lmo=lmo, radius=radius, norm_target=norm_target, corrected=corrected,
                  weight_decay=weight_decay, ns_steps=ns_steps, ns=ns, ns_dtype=ns_dtype, nesterov=nesterov,
-                 maximize=maximize)
-    if _triton_applies(params, grads, momentum_buffers, lr, lmo):
+                 maximize=maximize, matrix_view=matrix_view)
+    if _stacks_as_stored(params, lmo, matrix_view) and _triton_applies(params, grads, momentum_buffers, lr, lmo):
         _step_triton(params, grads, momentum_buffers, **hyper)
     else:
         _step_torch(params, grads, momentum_buffers, **hyper)
 
 
 def _step_torch(params, grads, bufs, *, lr, momentum, lmo, radius, norm_target, corrected, weight_decay, ns_steps,
-                ns, ns_dtype, nesterov, maximize) -> None:
+                ns, ns_dtype, nesterov, maximize, matrix_view="auto") -> None:
     """Reference arithmetic, op for op, over lists (see reference.scion.scionc_step)."""
     dt = torch.float64 if params[0].dtype == torch.float64 else torch.float32
     g = [x.to(dt) for x in grads]
@@ -92,7 +98,8 @@ def _step_torch(params, grads, bufs, *, lr, momentum, lmo, radius, norm_target, 
     if nesterov:
         inputs = torch._foreach_mul(m, 1 - momentum)
         torch._foreach_add_(inputs, g, alpha=momentum)
-    d = [x.to(dt) for x in scion_directions(list(inputs), lmo=lmo, ns_steps=ns_steps, ns=ns, ns_dtype=ns_dtype)]
+    d = [x.to(dt) for x in scion_directions(list(inputs), lmo=lmo, ns_steps=ns_steps, ns=ns, ns_dtype=ns_dtype,
+                                            matrix_view=matrix_view)]
     lr = lr.to(dt) if isinstance(lr, Tensor) else lr
     s = lr * radius                                      # s_l = γ_t ρ_l
     eta = _ref.scion_decay(s, momentum=momentum, norm_target=norm_target, corrected=corrected, lr=lr,
@@ -109,7 +116,7 @@ def _step_torch(params, grads, bufs, *, lr, momentum, lmo, radius, norm_target, 
 
 
 def _step_triton(params, grads, bufs, *, lr, momentum, lmo, radius, norm_target, corrected, weight_decay, ns_steps,
-                 ns, ns_dtype, nesterov, maximize) -> None:
+                 ns, ns_dtype, nesterov, maximize, matrix_view="auto") -> None:
     device = params[0].device
     if isinstance(lr, Tensor) and lr.device != device:  # a CPU lr with GPU params (_triton_applies)
         with torch.cuda.device(device):
@@ -134,7 +141,7 @@ def _step_triton(params, grads, bufs, *, lr, momentum, lmo, radius, norm_target,
         keep = 1.0 - eta
     if lmo == "sign":
         for p, g, b in zip(params, grads, bufs):
-            d_in = p.shape[-1] if p.ndim >= 2 else 1
+            d_in = _ref.matrix_dims(p.shape, matrix_view)[1]
             _tk.sign_step(p, g, b, alpha=momentum, keep=keep, step=s, step_mul=1.0 / d_in, nesterov=nesterov,
                           maximize=maximize)
         return

@@ -71,10 +71,14 @@ _REAL_FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, to
 
 
 def grad_ok(p: Tensor) -> None:
-    """Reject what no backend supports, before anything is written."""
+    """Reject what no backend supports, before anything is written (messages are completed with the param's
+    name by the optimizer)."""
     g = p.grad
     if g is None:
         return
+    if g.shape != p.shape or g.device != p.device:
+        raise ValueError(f"its grad has shape {tuple(g.shape)} on {g.device}, the param shape {tuple(p.shape)} "
+                         f"on {p.device}")
     if g.layout is torch.strided and p.dtype in _REAL_FLOAT_DTYPES and g.dtype in _REAL_FLOAT_DTYPES:
         return  # the common case, checked with attribute reads only (this runs per param per step)
     if g.is_sparse or g.layout != torch.strided:
@@ -83,3 +87,39 @@ def grad_ok(p: Tensor) -> None:
         raise TypeError("fusedecay optimizers do not support complex parameters or gradients")
     if not p.is_floating_point():
         raise TypeError(f"fusedecay optimizers need floating-point parameters, got {p.dtype}")
+
+
+def state_on_param_device(p: Tensor, state, field: str) -> None:
+    """A param moved (``model.to(...)``) after its state was made would be stepped across devices."""
+    v = state.get(field)
+    if v is not None and v.device != p.device:
+        raise ValueError(f"its state '{field}' is on {v.device} but the param is now on {p.device}; move the state "
+                         f"with it, e.g. optimizer.load_state_dict(optimizer.state_dict())")
+
+
+def param_label(groups, p: Tensor) -> str:
+    """How an error names ``p``: its name when the group carries ``param_names``, else its place and shape."""
+    for gi, g in enumerate(groups):
+        for k, q in enumerate(g["params"]):
+            if q is p:
+                names = g.get("param_names")
+                if names and k < len(names):
+                    return f"param '{names[k]}'"
+                return f"param {k} of param_groups[{gi}] (shape {tuple(p.shape)})"
+    return f"a param of shape {tuple(p.shape)}"
+
+
+def check_params(groups, group_index: int, params, names=None) -> None:
+    """Each param of a new group once, and in no existing group (torch only warns about the first)."""
+    seen = {}
+    for k, p in enumerate(params):
+        label = f"param '{names[k]}'" if names and k < len(names) else f"param {k} (shape {tuple(p.shape)})"
+        if id(p) in seen:
+            raise ValueError(f"{label} of param_groups[{group_index}] is the same tensor as {seen[id(p)]} of that "
+                             f"group; a param may appear once")
+        seen[id(p)] = label
+        for gi, g in enumerate(groups):
+            if any(q is p for q in g["params"]):
+                raise ValueError(f"{label} of param_groups[{group_index}] is already in param_groups[{gi}] "
+                                 f"(as {param_label(groups, p)}); a param may be in one group only")
+

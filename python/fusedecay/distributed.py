@@ -24,7 +24,10 @@ communication. The only collectives are the ones the math needs:
   narrower than the buffer (NS casts to it first anyway, so this is exact); results travel in the
   buffer's dtype. Replicated matrices (plain tensors under DDP after :func:`split_lmo_work`, or
   all-``Replicate`` DTensors on a 1-D mesh) are dealt the same way, and one ``all_gather`` shares the
-  results.
+  results. N-D weights follow their ``matrix_view``: an expert stack (E, d_out, d_in) sharded over E
+  (FSDP2's default ``Shard(0)``) holds whole matrices on each rank, so each rank orthogonalises its own
+  experts and nothing is sent; sharded over d_out or d_in (or a flattened conv kernel sharded on any
+  dim) it is exchanged like a sharded matrix, the whole stack going to one owner.
 * ScionC ``bias``: m / RMS(m) with the RMS of the whole tensor: local Σm² for all such params, one
   ``all_reduce``. ``sign``: element-wise, sign(m)/d_in with the global d_in; no communication.
 
@@ -32,8 +35,8 @@ Plain (non-DTensor) params never touch ``torch.distributed`` unless the user ask
 :func:`split_lmo_work`; the package works without an initialised process group.
 
 Supported layouts: any mesh; ``Shard``/``Replicate`` placements for AdamHD/AdamC (Σ|θ| is reduced over
-every sharded mesh dim). ScionC's spectral LMO needs a matrix sharded on at most one mesh dim, with a
-plain ``Shard(0)``/``Shard(1)`` (FSDP2 default, ``shard_placement_fn``, HSDP); 2-D sharding (FSDP+TP)
+every sharded mesh dim). ScionC's spectral LMO needs a weight sharded on at most one mesh dim, with a
+plain ``Shard(d)`` (FSDP2 default, ``shard_placement_fn``, HSDP); 2-D sharding (FSDP+TP)
 and ``_StridedShard`` raise ``NotImplementedError``. ``Partial`` params raise ``ValueError``.
 """
 from __future__ import annotations
@@ -48,7 +51,7 @@ from torch import Tensor
 
 from . import backends as _backends
 from . import functional as F
-from .reference.scion import RMS_EPS
+from .reference.scion import RMS_EPS, matrix_batch_dims, matrix_dims
 
 __all__ = ["is_dtensor", "has_dtensor", "local", "adam_decay", "init_delta_mu", "scionc", "DistributedLMO",
            "split_lmo_work"]
@@ -243,18 +246,18 @@ class DistributedLMO:
         self.replicated_group = replicated_group
 
     def __call__(self, inputs: List[Tensor], *, lmo: str, ns_steps: int, ns: str,
-                 ns_dtype: Optional[torch.dtype]) -> List[Tensor]:
+                 ns_dtype: Optional[torch.dtype], matrix_view: str = "auto") -> List[Tensor]:
         if len(inputs) != len(self.layouts):
             raise ValueError(f"DistributedLMO built for {len(self.layouts)} tensors, called with {len(inputs)}")
-        kw = dict(lmo=lmo, ns_steps=ns_steps, ns=ns, ns_dtype=ns_dtype)
+        kw = dict(lmo=lmo, ns_steps=ns_steps, ns=ns, ns_dtype=ns_dtype, matrix_view=matrix_view)
         out: List[Optional[Tensor]] = [None] * len(inputs)
         own: List[int] = []  # whole tensors on this rank, computed here
         if lmo == "sign":
             for i, (key, shape) in enumerate(self.layouts):
                 if key is None:
                     own.append(i)
-                else:  # element-wise; d_in is the global last dim
-                    out[i] = torch.sign(inputs[i]) / (shape[-1] if len(shape) >= 2 else 1)
+                else:  # element-wise; d_in from the global shape
+                    out[i] = torch.sign(inputs[i]) / matrix_dims(shape, matrix_view)[1]
         elif lmo == "bias":
             self._bias(inputs, out, own)
         elif lmo == "spectral":
@@ -310,8 +313,12 @@ class DistributedLMO:
                 raise NotImplementedError(
                     f"fusedecay: the spectral LMO supports matrices sharded on one mesh dim with Shard(0)/Shard(1); "
                     f"got placements {placements} (sharded on several mesh dims, or strided)")
+            dim = pl.dim % len(shape)
+            if dim in matrix_batch_dims(len(shape), kw["matrix_view"]):
+                own.append(i)  # sharded over a dim that indexes matrices (an expert stack's E): whole ones are local
+                continue
             sharded[mesh.get_group(mesh_dims[0])].append(i)
-            shard_dim[i] = pl.dim % len(shape)
+            shard_dim[i] = dim
         for group, idx in sharded.items():
             for ids in _by_dtype(idx, inputs):
                 self._exchange_sharded(group, ids, shard_dim, inputs, out, kw)

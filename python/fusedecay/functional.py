@@ -166,23 +166,25 @@ def _update_delta_mu_foreach(delta_mus: List[Tensor], abs_sums: Tensor, sizes: L
 # ----------------------------------------------------------------------------------------------
 
 def scion_directions_reference(inputs: List[Tensor], *, lmo: str, ns_steps: int, ns: str,
-                               ns_dtype: Optional[torch.dtype]) -> List[Tensor]:
+                               ns_dtype: Optional[torch.dtype], matrix_view: str = "auto") -> List[Tensor]:
     """Unit LMO directions, one tensor at a time (the readable path)."""
-    return [_ref_scion.lmo(lmo, m, ns_steps=ns_steps, ns=ns, ns_dtype=ns_dtype) for m in inputs]
+    return [_ref_scion.lmo(lmo, m, ns_steps=ns_steps, ns=ns, ns_dtype=ns_dtype, matrix_view=matrix_view)
+            for m in inputs]
 
 
 @torch.no_grad()
 def scionc(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *, lr: Union[float, Tensor],
            momentum: float, lmo: str, radius: float, norm_target: float, corrected: bool, weight_decay: float,
            ns_steps: int = 5, ns: str = "classic", ns_dtype: Optional[torch.dtype] = None, nesterov: bool = False,
-           maximize: bool = False, backend: str = "auto",
-           lmo_fn: Optional[Callable[..., List[Tensor]]] = None) -> None:
+           maximize: bool = False, backend: str = "auto", lmo_fn: Optional[Callable[..., List[Tensor]]] = None,
+           matrix_view: str = "auto") -> None:
     """One ScionC step for one param group (one LMO kind).
 
     ``backend="reference"`` loops :func:`fusedecay.reference.scionc_step`. Other backends run the same
     math on lists: a foreach momentum update, directions from ``lmo_fn`` (default: the backend's
     batched ``scion_directions`` if it has one, else the per-tensor reference), and a foreach update.
     A backend with a ``scionc`` op (e.g. "batched") runs the whole group step itself.
+    ``matrix_view``: how an N-D weight is read as matrices (see :mod:`fusedecay.reference.scion`).
     """
     if not params:
         return
@@ -190,7 +192,8 @@ def scionc(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Ten
         for p, g, b in zip(params, grads, momentum_buffers):
             _ref_scion.scionc_step(p, g, b, lr=lr, momentum=momentum, lmo_kind=lmo, radius=radius,
                                    norm_target=norm_target, corrected=corrected, weight_decay=weight_decay,
-                                   ns_steps=ns_steps, ns=ns, ns_dtype=ns_dtype, nesterov=nesterov, maximize=maximize)
+                                   ns_steps=ns_steps, ns=ns, ns_dtype=ns_dtype, nesterov=nesterov, maximize=maximize,
+                                   matrix_view=matrix_view)
         return
     if lmo_fn is None:
         b = None
@@ -203,7 +206,7 @@ def scionc(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Ten
         if step_fn is not None:   # the backend runs the whole group step (e.g. fused element-wise passes)
             step_fn(params, grads, momentum_buffers, lr=lr, momentum=momentum, lmo=lmo, radius=radius,
                     norm_target=norm_target, corrected=corrected, weight_decay=weight_decay, ns_steps=ns_steps,
-                    ns=ns, ns_dtype=ns_dtype, nesterov=nesterov, maximize=maximize)
+                    ns=ns, ns_dtype=ns_dtype, nesterov=nesterov, maximize=maximize, matrix_view=matrix_view)
             return
         lmo_fn = (b.op("scion_directions") if b is not None else None) or scion_directions_reference
     g = [x.neg() if maximize else x for x in grads]
@@ -213,7 +216,7 @@ def scionc(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Ten
     if nesterov:
         inputs = torch._foreach_lerp([m for m in momentum_buffers], [x.to(m.dtype) for x, m in zip(g, momentum_buffers)],
                                      momentum)
-    dirs = lmo_fn(list(inputs), lmo=lmo, ns_steps=ns_steps, ns=ns, ns_dtype=ns_dtype)
+    dirs = lmo_fn(list(inputs), lmo=lmo, ns_steps=ns_steps, ns=ns, ns_dtype=ns_dtype, matrix_view=matrix_view)
     s = lr * radius
     eta = _ref_scion.scion_decay(s, momentum=momentum, norm_target=norm_target, corrected=corrected, lr=lr,
                                  weight_decay=weight_decay, nesterov=nesterov)

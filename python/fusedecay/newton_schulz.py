@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .reference.scion import NS_EPS, ns_coefficients
+from .reference.scion import NS_EPS, as_matrices, from_matrices, ns_coefficients
 
 # Oriented row count from which the Triton symmetric kernel replaces bmm (None: never). Settable by the
 # environment so the benchmark's crossover can be applied without a code change.
@@ -164,11 +164,29 @@ def _ordered_groups(mats: Sequence[Tensor], exact: Optional[bool]) -> Dict[tuple
     return shape_groups(mats, merge_transposed=not exact)
 
 
-def spectral_directions(mats: Sequence[Tensor], steps: int = 5, ns: str = "classic",
-                        dtype: Optional[torch.dtype] = None, **kw) -> List[Tensor]:
-    """Spectral LMO of each matrix: NS(m)·sqrt(d_out/d_in), batched (reference: ``spectral_lmo``)."""
-    q = newton_schulz_batched(mats, steps, ns, dtype, **kw)
-    return [x * math.sqrt(m.shape[0] / m.shape[1]) for x, m in zip(q, mats)]
+def spectral_directions(weights: Sequence[Tensor], steps: int = 5, ns: str = "classic",
+                        dtype: Optional[torch.dtype] = None, *, matrix_view: str = "auto", **kw) -> List[Tensor]:
+    """Spectral LMO of each weight: NS·sqrt(d_out/d_in) per matrix of ``matrix_view`` (reference: ``spectral_lmo``).
+
+    N-D weights are split into their matrices first (an expert stack (E, d_out, d_in) into E matrices, a
+    conv kernel flattened to one), so every matrix joins the batch of its shape: the experts of a stack
+    and same-shape matrices of other params share one bmm chain."""
+    views = [as_matrices(w, matrix_view) for w in weights]
+    matrices, counts = [], []
+    for v in views:
+        stack = v.reshape(math.prod(v.shape[:-2]), *v.shape[-2:])
+        matrices.extend(stack.unbind(0))
+        counts.append(stack.size(0))
+    q = iter(newton_schulz_batched(matrices, steps, ns, dtype, **kw))
+    out = []
+    for w, v, n in zip(weights, views, counts):
+        d_out, d_in = v.shape[-2], v.shape[-1]
+        if v.ndim == 2:
+            x = next(q)
+        else:
+            x = torch.stack([next(q) for _ in range(n)]) if n else v.new_empty((0, d_out, d_in))
+        out.append(from_matrices(x.reshape(v.shape) * math.sqrt(d_out / d_in), matrix_view, w.shape))
+    return out
 
 
 def ns_flops(rows: int, cols: int, steps: int) -> int:

@@ -16,7 +16,8 @@ from .. import __version__
 from .. import backends as _backends
 from . import plots
 from .corpus import load_corpus, val_batches
-from .model import SIZES, GPTConfig, param_roles
+from .. import param_roles
+from .model import SIZES, GPTConfig
 from .optimizers import EXTRA_OPTIMIZERS, OPTIMIZERS, Hyper, describe
 from .prune import prunable_share, pruned_losses, weight_stats
 from .summary import claims, markdown, per_run_numbers

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -103,29 +103,11 @@ class GPT(nn.Module):
             x = block(x)
         return F.linear(self.ln_f(x), self.wte.weight)
 
+    def get_output_embeddings(self) -> nn.Module:
+        """The output layer (transformers' protocol, read by ``fusedecay.param_groups``): the tied ``wte``."""
+        return self.wte
+
     def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
         logits = self.forward(idx)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
-
-def param_roles(model: GPT) -> Dict[str, List[Tuple[str, nn.Parameter]]]:
-    """Split params by the role the optimizers treat differently.
-
-    hidden:    2-D matrices inside the transformer blocks (attention and MLP)
-    embedding: the learned position table (an input embedding that is not the output layer)
-    output:    the tied token embedding / output head
-    gain:      1-D LayerNorm gains
-    """
-    roles: Dict[str, List[Tuple[str, nn.Parameter]]] = {"hidden": [], "embedding": [], "output": [], "gain": []}
-    for name, p in model.named_parameters():
-        if name == "wte.weight":
-            roles["output"].append((name, p))
-        elif name == "wpe.weight":
-            roles["embedding"].append((name, p))
-        elif p.ndim == 2:
-            roles["hidden"].append((name, p))
-        elif p.ndim == 1:
-            roles["gain"].append((name, p))
-        else:
-            raise ValueError(f"unexpected parameter {name} of shape {tuple(p.shape)}")
-    return roles

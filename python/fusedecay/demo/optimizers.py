@@ -1,6 +1,6 @@
 """The four optimizers of the demo, their param groups and hyperparameters (sources in docs/demo.md).
 
-Every optimizer sees the same param roles (:func:`fusedecay.demo.model.param_roles`):
+Every optimizer sees the same param roles (:func:`fusedecay.param_groups`; the head is the tied ``wte``):
 
     role        AdamW            AdamHD                AdamC                    ScionC
     hidden      decay λ          Huber decay λ         corrected decay λ        spectral LMO, corrected (C²)
@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Tuple
 
 import torch
-from torch import nn
 
-from .. import AdamC, AdamHD, ScionC
-from .model import GPT, param_roles
+from .. import AdamC, AdamHD, ScionC, param_groups
+from .model import GPT
 
 OPTIMIZERS = ("adamw", "adamhd", "adamc", "scionc")
 # Optional baseline (not in the default set): Scion with plain decay η = γλ everywhere, i.e. ScionC
@@ -70,39 +69,26 @@ def lr_lambda(total_steps: int, warmup_frac: float) -> Callable[[int], float]:
     return f
 
 
-def _params(pairs: List[Tuple[str, nn.Parameter]]) -> List[nn.Parameter]:
-    return [p for _, p in pairs]
-
-
 def build_optimizer(name: str, model: GPT, hp: Hyper) -> torch.optim.Optimizer:
     """The optimizer ``name`` over ``model``'s params, grouped by role (see module docstring)."""
-    r = param_roles(model)
-    decayed = _params(r["hidden"]) + _params(r["embedding"]) + _params(r["output"])
-    gains = _params(r["gain"])
-    adam = dict(lr=hp.adam_lr, betas=hp.betas, eps=hp.eps)
+    adam = dict(lr=hp.adam_lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW([{"params": decayed, "weight_decay": hp.weight_decay},
-                                  {"params": gains, "weight_decay": 0.0}], **adam)
+        return torch.optim.AdamW(param_groups(model, "adamw"), **adam)
     if name == "adamhd":
-        return AdamHD([{"params": decayed, "weight_decay": hp.weight_decay},
-                       {"params": gains, "weight_decay": 0.0}], update=hp.hd_update, delta_mode="ema",
+        return AdamHD(param_groups(model, "adamhd"), update=hp.hd_update, delta_mode="ema",
                       delta_scale=hp.hd_delta_scale, delta_beta=hp.hd_delta_beta, backend="auto", **adam)
     if name == "adamc":
         # Corrected (λ_t = λγ_t/γ_max) everywhere but the output layer (seed 003's rule).
-        return AdamC([{"params": _params(r["hidden"]) + _params(r["embedding"]), "weight_decay": hp.weight_decay,
-                       "corrected": True},
-                      {"params": _params(r["output"]), "weight_decay": hp.weight_decay, "corrected": False},
-                      {"params": gains, "weight_decay": 0.0, "corrected": False}], backend="auto", **adam)
+        return AdamC(param_groups(model, "adamc"), backend="auto", **adam)
     if name in ("scionc", "scion"):
         hidden = ({"corrected": True, "norm_target": hp.scion_norm_target} if name == "scionc"
                   else {"corrected": False, "weight_decay": hp.scion_plain_decay})
-        return ScionC([
-            {"params": _params(r["hidden"]), "lmo": "spectral", "radius": hp.scion_hidden_radius, **hidden},
-            {"params": _params(r["embedding"]) + _params(r["output"]), "lmo": "sign",
-             "radius": hp.scion_sign_radius, "corrected": False, "weight_decay": hp.scion_sign_decay},
-            {"params": gains, "lmo": "bias", "radius": hp.scion_hidden_radius, "corrected": False,
-             "weight_decay": 0.0},
-        ], lr=hp.scion_lr, momentum=hp.scion_momentum, backend="auto")
+        sign = {"radius": hp.scion_sign_radius, "weight_decay": hp.scion_sign_decay}
+        vector = {"radius": hp.scion_hidden_radius}
+        options = {"hidden": {"radius": hp.scion_hidden_radius, **hidden}, "embedding": sign, "output": sign,
+                   "norm": vector, "bias": vector}
+        return ScionC(param_groups(model, "scionc", options=options), lr=hp.scion_lr, momentum=hp.scion_momentum,
+                      backend="auto")
     raise ValueError(f"unknown optimizer {name!r}; expected one of {','.join(OPTIMIZERS + EXTRA_OPTIMIZERS)}")
 
 

@@ -15,7 +15,8 @@ from typing import Dict, List, Sequence
 import torch
 from torch import Tensor
 
-from .model import GPT, param_roles
+from .. import param_roles
+from .model import GPT
 
 PRUNE_MODES = ("layer", "global")
 

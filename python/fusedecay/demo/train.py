@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .. import param_roles
 from .corpus import train_batches
-from .model import GPT, GPTConfig, param_roles
+from .model import GPT, GPTConfig
 from .optimizers import LABELS, Hyper, build_optimizer, hidden_decay, lr_lambda
 
 

@@ -7,6 +7,7 @@ mean |θ| that gives δ^(l) = delta_scale·μ^(l)). ``step()`` does no host sync
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -16,7 +17,8 @@ from torch.optim import Optimizer
 from .. import _validate as V
 from .. import backends as _backends
 from .. import distributed as _dist
-from ..functional import DELTA_MODES, UPDATES, adam_decay, init_delta_mu
+from ..functional import DELTA_MODES, UPDATES, _mu_dtype, adam_decay, init_delta_mu
+from . import _checkpoint as C
 
 
 class _AdamDecayBase(Optimizer):
@@ -53,6 +55,7 @@ class _AdamDecayBase(Optimizer):
         for p in params:
             if isinstance(p, Tensor) and (torch.is_complex(p) or not p.is_floating_point()):
                 raise TypeError(f"fusedecay optimizers need real floating-point params, got {p.dtype}")
+        V.check_params(self.param_groups, len(self.param_groups), params, param_group.get("param_names"))
         lr = merged["lr"]
         # γ at construction: AdamC's default γ_max when no scheduler set initial_lr.
         param_group.setdefault("init_lr", lr.clone() if isinstance(lr, Tensor) else lr)
@@ -74,12 +77,24 @@ class _AdamDecayBase(Optimizer):
                 and group["weight_decay"] != 0)
 
     # -- state -----------------------------------------------------------------------------------
+    def _check_step_inputs(self) -> None:
+        """Every grad and state before anything is written: a bad one raises naming its param, and nothing
+        changes (attribute reads only: this runs every step)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                try:
+                    V.grad_ok(p)
+                    V.state_on_param_device(p, self.state.get(p, {}), "exp_avg")
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"{V.param_label(self.param_groups, p)}: {e}") from None
+
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, steps, mus):
         tracks = self._tracks_delta(group)
         for p in group["params"]:
             if p.grad is None:
                 continue
-            V.grad_ok(p)
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -108,6 +123,7 @@ class _AdamDecayBase(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        self._check_step_inputs()
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, steps, mus = [], [], [], [], [], []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps, mus)
@@ -126,21 +142,41 @@ class _AdamDecayBase(Optimizer):
         return loss
 
     # -- checkpoints -----------------------------------------------------------------------------
+    def _state_spec(self, group, p: Tensor):
+        """(required, optional) state fields of ``p`` in ``group``: shape and dtype as ``_init_group`` makes them."""
+        mdt = group.get("moment_dtype") or p.dtype
+        shape = tuple(p.shape)
+        return ({"step": ((), None), "exp_avg": (shape, mdt), "exp_avg_sq": (shape, mdt)},
+                {"delta_mu": ((), _mu_dtype(p.dtype))})
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """As torch's, but state keeps the dtypes it was saved with and ``step`` lives on the param's device,
-        so a resume is bit-identical. (torch casts every state tensor but ``step`` to the param's dtype, which
-        would round fp32 moments and μ of bf16 params; the saved tensors are put back, moved only.)"""
-        saved = {k: {n: v for n, v in s.items() if isinstance(v, Tensor)} for k, s in state_dict["state"].items()}
+        """Load this optimizer's own state, or switch from another Adam's (torch ``Adam``/``AdamW``, or AdamHD
+        into AdamC and back). See :mod:`fusedecay.optim._checkpoint`; in short:
+
+        * own state: as torch's (the saved hyperparameters replace the current ones), but the state keeps the
+          dtypes it was saved with and ``step`` lives on the param's device, so a resume is bit-identical;
+        * another Adam's: ``exp_avg``, ``exp_avg_sq`` and ``step`` carry over, the hyperparameters stay this
+          optimizer's, and AdamHD's μ starts from the current weights at the next step.
+
+        Anything else (ScionC's state, wrong shapes, dtypes or counts) raises naming the param and field, and
+        changes nothing."""
+        C.check_dict(state_dict)
+        if not C.is_native(self, state_dict["param_groups"], _ADAM_OPTION_KEYS):
+            self._load_switch(state_dict)
+            return
+        C.check_native(self, state_dict, self._state_spec, lambda g, saved: {**self.defaults, **saved})
         super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        for key, tensors in saved.items():
-            if not isinstance(key, int) or key >= len(params):
-                continue
-            p = params[key]
-            st = self.state[p]
-            for name, v in tensors.items():
-                if name in st:
-                    st[name] = v.to(device=p.device)
+        C.restore_saved_tensors(self, state_dict)
+        for p, st in self.state.items():
+            if "step" in st:   # one float32 number on the param's device, whatever form it was saved in
+                st["step"] = torch.as_tensor(st["step"]).reshape(()).to(device=p.device, dtype=torch.float32)
+
+    def _load_switch(self, state_dict: Dict[str, Any]) -> None:
+        """Another Adam's moments and step, this optimizer's hyperparameters (see ``load_state_dict``)."""
+        C.check_dict(state_dict)
+        native = C.adam_state_as_native(self, state_dict, lambda g, p: g.get("moment_dtype") or p.dtype,
+                                        lambda g, p: p.device)
+        C.load_switched(self, native, super().load_state_dict)
 
 
 class AdamHD(_AdamDecayBase):
@@ -222,3 +258,11 @@ class AdamC(_AdamDecayBase):
 
     def _decay_of(self, group) -> str:
         return "l2"
+
+
+def _option_keys(cls) -> set:
+    return {k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "params")}
+
+
+# Every option of the Adam family: a saved group with another member's options is a switch, not a resume.
+_ADAM_OPTION_KEYS = _option_keys(AdamHD) | _option_keys(AdamC)

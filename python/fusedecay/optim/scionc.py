@@ -18,7 +18,11 @@ from .. import _validate as V
 from .. import backends as _backends
 from .. import distributed as _dist
 from ..functional import scionc
-from ..reference.scion import LMO_KINDS, NS_KINDS
+from ..reference.scion import LMO_KINDS, MATRIX_VIEWS, NS_KINDS
+from . import _checkpoint as C
+
+# Options added after checkpoints were first saved: a saved group without one gets the default.
+_OPTIONAL_GROUP_KEYS = ("matrix_view",)
 
 
 class ScionC(Optimizer):
@@ -28,25 +32,33 @@ class ScionC(Optimizer):
         params: iterable of params or param-group dicts; groups override any keyword below.
         lr: γ (float or 0-d tensor). The step along the unit LMO direction is s = γ·``radius``.
         momentum: α, the weight on the *new* gradient (Scion convention), in (0, 1]; default 0.1.
-        weight_decay: λ for uncorrected groups (η = γλ). Corrected groups ignore it (η comes from C²);
-            a nonzero value there raises, so nothing is silently ignored.
-        lmo: "spectral" (2-D params only) | "sign" | "bias".
+        weight_decay: λ for uncorrected groups (η = γλ). Corrected groups take η from C²: a corrected group
+            whose weight_decay (its own, or this default when it sets none) is nonzero raises, so nothing is
+            silently ignored. (``param_groups`` gives its corrected groups weight_decay=0, so this default
+            reaches the sign layers only.)
+        lmo: "spectral" (params with >= 2 dims) | "sign" | "bias".
         radius: ρ_l > 0. norm_target: C_l² > 0, the steady-state ‖θ‖_F² in units of ‖lmo‖_F².
         corrected: η_t = s²(2 − α)/(2αC²) if True, else γλ.
         ns: "classic" (quintic 3.4445, −4.7750, 2.0315) | "polar_express". ns_steps: iterations (≥ 1).
         ns_dtype: dtype Newton–Schulz runs in (default: bf16 on CUDA, fp32 elsewhere).
         nesterov: the author's Nesterov variant (see reference). maximize: ascend.
         backend: "auto" | "reference" | a registered backend with batched ``scion_directions``.
+        matrix_view: how a weight with more than 2 dims is read as matrices (d_out, d_in) by the spectral
+            and sign LMOs: "batch" (leading dims index matrices: an MoE expert stack (E, d_out, d_in), one
+            orthogonalisation per expert), "flatten" (a conv kernel (d_out, d_in, k, k) as one
+            (d_out, d_in·k·k) matrix), "taps" (one (d_out, d_in) matrix per kernel tap), "transposed"
+            (stored (d_in, d_out), as transformers' ``Conv1D``) or "auto" (default: "batch" up to 3-D,
+            "flatten" from 4-D). See docs/param_groups.md.
     """
 
     def __init__(self, params, lr=0.02, momentum: float = 0.1, weight_decay: float = 0.0, *, lmo: str = "spectral",
                  radius: float = 1.0, norm_target: float = 1.1875, corrected: bool = True, ns: str = "classic",
                  ns_steps: int = 5, ns_dtype: Optional[torch.dtype] = None, nesterov: bool = False,
-                 maximize: bool = False, backend: str = "auto"):
+                 maximize: bool = False, backend: str = "auto", matrix_view: str = "auto"):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, lmo=lmo, radius=radius,
                         norm_target=norm_target, corrected=corrected, ns=ns, ns_steps=ns_steps, ns_dtype=ns_dtype,
-                        nesterov=nesterov, maximize=maximize, backend=backend)
-        self._check_group(defaults, [])
+                        nesterov=nesterov, maximize=maximize, backend=backend, matrix_view=matrix_view)
+        self._check_group(defaults, [], defaults_only=True)
         super().__init__(params, defaults)
         # Optional override of how LMO directions are computed (fn(inputs, lmo=, ns_steps=, ns=, ns_dtype=) -> list);
         # the distributed path calls it on whole matrices on their owner rank. None: the backend's own.
@@ -54,7 +66,10 @@ class ScionC(Optimizer):
         # Set by fusedecay.distributed.split_lmo_work: the group replicated (DDP) params share NS work over.
         self._lmo_process_group = None
 
-    def _check_group(self, g: Dict[str, Any], params) -> None:
+    def _check_group(self, g: Dict[str, Any], params, defaults_only: bool = False) -> None:
+        """Every option of group ``g``; with ``defaults_only`` (the constructor's keywords) the rules that tie
+        options together are left to the groups, which may override either side (e.g. a nonzero
+        ``weight_decay`` default meant for the uncorrected groups only)."""
         V.non_negative("lr", g["lr"])
         for name in ("momentum", "weight_decay", "radius", "norm_target"):
             V.number(name, g[name])
@@ -73,14 +88,15 @@ class ScionC(Optimizer):
         V.flag("nesterov", g["nesterov"])
         V.flag("maximize", g["maximize"])
         V.choice("backend", g["backend"], _backends.BACKEND_NAMES)
-        if g["corrected"] and g["weight_decay"] != 0:
+        V.choice("matrix_view", g["matrix_view"], MATRIX_VIEWS)
+        if not defaults_only and g["corrected"] and g["weight_decay"] != 0:
             raise ValueError(f"Invalid weight_decay: {g['weight_decay']} on a corrected group (its decay is set by "
                              "norm_target); use corrected=False for plain decay γλ")
         if g["lmo"] == "spectral":
             for p in params:
-                if p.ndim != 2:
-                    raise ValueError(f"Invalid lmo: 'spectral' needs 2-D params, got shape {tuple(p.shape)} "
-                                     "(use lmo='bias' for 1-D params, or reshape conv kernels)")
+                if p.ndim < 2:
+                    raise ValueError(f"Invalid lmo: 'spectral' needs params with >= 2 dims, got shape "
+                                     f"{tuple(p.shape)} (use lmo='bias' for 1-D params)")
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         merged = dict(self.defaults)
@@ -91,8 +107,32 @@ class ScionC(Optimizer):
             if isinstance(p, Tensor) and (torch.is_complex(p) or not p.is_floating_point()):
                 raise TypeError(f"fusedecay optimizers need real floating-point params, got {p.dtype}")
         self._check_group(merged, params)
+        V.check_params(self.param_groups, len(self.param_groups), params, param_group.get("param_names"))
         param_group["params"] = params
         super().add_param_group(param_group)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key in _OPTIONAL_GROUP_KEYS:
+                group.setdefault(key, self.defaults[key])  # checkpoints saved before the option existed
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """As torch's (the saved hyperparameters replace the current ones), after checking the state dict is a
+        ScionC's and fits these params: group and param counts, ``momentum_buffer`` shapes and dtypes. A
+        mismatch raises naming the param and field, and changes nothing."""
+        C.check_dict(state_dict)
+        if not C.is_native(self, state_dict["param_groups"], set(self.defaults), _OPTIONAL_GROUP_KEYS):
+            missing = sorted(set(self.defaults) - set(_OPTIONAL_GROUP_KEYS)
+                             - set().union(*map(set, state_dict["param_groups"] or [{}])))
+            raise ValueError(f"load_state_dict: not a ScionC state dict: its param groups lack {missing}; a ScionC "
+                             f"needs a momentum_buffer per param (another optimizer's state cannot be mapped)")
+        C.check_native(self, state_dict, self._state_spec, lambda g, saved: {**self.defaults, **saved})
+        super().load_state_dict(state_dict)
+
+    @staticmethod
+    def _state_spec(group, p: Tensor):
+        return {"momentum_buffer": (tuple(p.shape), p.dtype)}, {}
 
     def _ns_dtype(self, group, p: Tensor) -> torch.dtype:
         if group["ns_dtype"] is not None:
@@ -101,18 +141,30 @@ class ScionC(Optimizer):
             return torch.float64
         return torch.bfloat16 if p.device.type == "cuda" else torch.float32
 
+    def _check_step_inputs(self) -> None:
+        """Every grad and state before anything is written (attribute reads only: this runs every step)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                try:
+                    V.grad_ok(p)
+                    V.state_on_param_device(p, self.state.get(p, {}), "momentum_buffer")
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"{V.param_label(self.param_groups, p)}: {e}") from None
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_step_inputs()
         for group in self.param_groups:
             params, grads, bufs = [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                V.grad_ok(p)
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -129,5 +181,6 @@ class ScionC(Optimizer):
                    radius=group["radius"], norm_target=group["norm_target"], corrected=group["corrected"],
                    weight_decay=group["weight_decay"], ns_steps=group["ns_steps"], ns=group["ns"],
                    ns_dtype=self._ns_dtype(group, params[0]), nesterov=group["nesterov"],
-                   maximize=group["maximize"], backend=group["backend"], lmo_fn=self._lmo_fn)
+                   maximize=group["maximize"], backend=group["backend"], lmo_fn=self._lmo_fn,
+                   matrix_view=group["matrix_view"])
         return loss

@@ -28,6 +28,17 @@ LMOs, for a weight of shape (d_out, d_in):
   spectral  NS(m)·sqrt(d_out/d_in)     NS = orthogonal polar factor by Newton–Schulz
   sign      sign(m)/d_in
   bias      m / RMS(m)
+
+Weights that are not one matrix (``matrix_view``, a param-group option; see docs/param_groups.md):
+  "batch"       (..., d_out, d_in): the leading dims index independent matrices, e.g. an MoE expert
+                stack (E, d_out, d_in) gets one orthogonalisation and one sqrt(d_out/d_in) per expert;
+  "flatten"     (d_out, d_in, k, ...): one matrix (d_out, d_in·k·…), e.g. a conv kernel (d_out, d_in, k, k);
+  "taps"        (d_out, d_in, k, ...): one (d_out, d_in) matrix per kernel tap (the alternative for convs);
+  "transposed"  (..., d_in, d_out): stored input-major, e.g. transformers' GPT-2 ``Conv1D``;
+  "auto"        (default) "batch" up to 3-D, "flatten" from 4-D (conv2d/3d kernels). A 3-D Conv1d kernel
+                (d_out, d_in, k) is ambiguous with an expert stack: give it "flatten" explicitly
+                (``fusedecay.param_groups`` does, from the module type).
+The view decides what d_out and d_in are, so it applies to ``sign`` (sign(m)/d_in) as well.
 """
 from __future__ import annotations
 
@@ -39,6 +50,7 @@ from torch import Tensor
 
 LMO_KINDS = ("spectral", "sign", "bias")
 NS_KINDS = ("classic", "polar_express")
+MATRIX_VIEWS = ("auto", "batch", "flatten", "taps", "transposed")
 
 # Classic quintic Newton–Schulz coefficients (Keller Jordan's Muon): a, b, c for X ← aX + bX³ + cX⁵.
 NS_CLASSIC_COEFFS: Tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
@@ -72,6 +84,65 @@ def ns_coefficients(ns: str, steps: int) -> Sequence[Tuple[float, float, float]]
     raise ValueError(f"unknown ns {ns!r}; expected one of {NS_KINDS}")
 
 
+def resolve_matrix_view(view: str, ndim: int) -> str:
+    """The concrete view ("batch" | "flatten" | "taps" | "transposed") of an ``ndim``-D weight under ``view``."""
+    if view not in MATRIX_VIEWS:
+        raise ValueError(f"Invalid matrix_view: {view!r} (expected one of {MATRIX_VIEWS})")
+    if view == "auto":
+        return "flatten" if ndim >= 4 else "batch"
+    return view
+
+
+def as_matrices(t: Tensor, view: str = "auto") -> Tensor:
+    """``t`` as a (..., d_out, d_in) stack of matrices under ``view`` (a view of t when its layout allows)."""
+    if t.ndim < 2:
+        raise ValueError(f"a matrix LMO needs a tensor with >= 2 dims, got shape {tuple(t.shape)}")
+    view = resolve_matrix_view(view, t.ndim)
+    if view == "flatten":
+        return t.reshape(t.shape[0], -1)
+    if view == "taps":
+        return t.permute(*range(2, t.ndim), 0, 1)
+    if view == "transposed":
+        return t.mT
+    return t
+
+
+def from_matrices(x: Tensor, view: str, shape) -> Tensor:
+    """Inverse of :func:`as_matrices`: the (..., d_out, d_in) stack ``x`` back in the weight's ``shape``."""
+    n = len(shape)
+    view = resolve_matrix_view(view, n)
+    if view == "taps":
+        return x.permute(n - 2, n - 1, *range(n - 2))
+    if view == "transposed":
+        return x.mT
+    return x.reshape(shape)
+
+
+def matrix_batch_dims(ndim: int, view: str = "auto") -> Tuple[int, ...]:
+    """The dims of an ``ndim``-D weight that index whole matrices under ``view`` (a shard along one of them
+    holds whole matrices)."""
+    view = resolve_matrix_view(view, ndim)
+    if view == "flatten" or ndim < 2:
+        return ()
+    if view == "taps":
+        return tuple(range(2, ndim))
+    return tuple(range(ndim - 2))
+
+
+def matrix_dims(shape, view: str = "auto") -> Tuple[int, int]:
+    """(d_out, d_in) of one matrix of a weight of ``shape`` under ``view``; (1, 1) below 2-D."""
+    if len(shape) < 2:
+        return 1, 1
+    view = resolve_matrix_view(view, len(shape))
+    if view == "flatten":
+        return shape[0], math.prod(shape[1:])
+    if view == "taps":
+        return shape[0], shape[1]
+    if view == "transposed":
+        return shape[-1], shape[-2]
+    return shape[-2], shape[-1]
+
+
 def newton_schulz(m: Tensor, steps: int = 5, ns: str = "classic", dtype: Optional[torch.dtype] = None) -> Tensor:
     """Approximate orthogonal polar factor of ``m`` (..., d_out, d_in); batched over leading dims.
 
@@ -96,16 +167,17 @@ def newton_schulz(m: Tensor, steps: int = 5, ns: str = "classic", dtype: Optiona
     return x.to(m.dtype)
 
 
-def spectral_lmo(m: Tensor, steps: int = 5, ns: str = "classic", dtype: Optional[torch.dtype] = None) -> Tensor:
-    """Unit step of the RMS→RMS operator norm: NS(m)·sqrt(d_out/d_in)."""
-    d_out, d_in = m.shape[-2], m.shape[-1]
-    return newton_schulz(m, steps, ns, dtype) * math.sqrt(d_out / d_in)
+def spectral_lmo(m: Tensor, steps: int = 5, ns: str = "classic", dtype: Optional[torch.dtype] = None,
+                 matrix_view: str = "auto") -> Tensor:
+    """Unit step of the RMS→RMS operator norm: NS(m)·sqrt(d_out/d_in), per matrix of ``matrix_view``."""
+    x = as_matrices(m, matrix_view)
+    d_out, d_in = x.shape[-2], x.shape[-1]
+    return from_matrices(newton_schulz(x, steps, ns, dtype) * math.sqrt(d_out / d_in), matrix_view, m.shape)
 
 
-def sign_lmo(m: Tensor) -> Tensor:
-    """Unit step of the (scaled) ℓ∞→ℓ1 dual: sign(m)/d_in (d_in = last dim; 1 for a vector)."""
-    d_in = m.shape[-1] if m.ndim >= 2 else 1
-    return torch.sign(m) / d_in
+def sign_lmo(m: Tensor, matrix_view: str = "auto") -> Tensor:
+    """Unit step of the (scaled) ℓ∞→ℓ1 dual: sign(m)/d_in (d_in of ``matrix_view``; 1 for a vector)."""
+    return torch.sign(m) / matrix_dims(m.shape, matrix_view)[1]
 
 
 def bias_lmo(m: Tensor) -> Tensor:
@@ -113,11 +185,12 @@ def bias_lmo(m: Tensor) -> Tensor:
     return m / torch.sqrt(m.square().mean() + RMS_EPS)
 
 
-def lmo(kind: str, m: Tensor, *, ns_steps: int = 5, ns: str = "classic", ns_dtype: Optional[torch.dtype] = None) -> Tensor:
+def lmo(kind: str, m: Tensor, *, ns_steps: int = 5, ns: str = "classic", ns_dtype: Optional[torch.dtype] = None,
+        matrix_view: str = "auto") -> Tensor:
     if kind == "spectral":
-        return spectral_lmo(m, ns_steps, ns, ns_dtype)
+        return spectral_lmo(m, ns_steps, ns, ns_dtype, matrix_view)
     if kind == "sign":
-        return sign_lmo(m)
+        return sign_lmo(m, matrix_view)
     if kind == "bias":
         return bias_lmo(m)
     raise ValueError(f"unknown lmo {kind!r}; expected one of {LMO_KINDS}")
@@ -142,7 +215,7 @@ def scion_decay(step_size, *, momentum: float, norm_target: float, corrected: bo
 def scionc_step(param: Tensor, grad: Tensor, momentum_buffer: Tensor, *, lr, momentum: float, lmo_kind: str,
                 radius: float, norm_target: float, corrected: bool, weight_decay: float, ns_steps: int = 5,
                 ns: str = "classic", ns_dtype: Optional[torch.dtype] = None, nesterov: bool = False,
-                maximize: bool = False) -> None:
+                maximize: bool = False, matrix_view: str = "auto") -> None:
     """One ScionC step on one tensor, in place."""
     dt = torch.float64 if param.dtype == torch.float64 else torch.float32
     g = grad.to(dt)
@@ -151,7 +224,7 @@ def scionc_step(param: Tensor, grad: Tensor, momentum_buffer: Tensor, *, lr, mom
     buf = momentum_buffer.to(dt).mul_(1 - momentum).add_(g, alpha=momentum)   # m_t
     momentum_buffer.copy_(buf)
     direction_input = buf.mul(1 - momentum).add_(g, alpha=momentum) if nesterov else buf
-    d = lmo(lmo_kind, direction_input, ns_steps=ns_steps, ns=ns, ns_dtype=ns_dtype).to(dt)
+    d = lmo(lmo_kind, direction_input, ns_steps=ns_steps, ns=ns, ns_dtype=ns_dtype, matrix_view=matrix_view).to(dt)
     lr = lr.to(dt) if isinstance(lr, Tensor) else lr
     s = lr * radius                                                            # s_l = γ_t ρ_l
     eta = scion_decay(s, momentum=momentum, norm_target=norm_target, corrected=corrected, lr=lr,
