@@ -47,6 +47,9 @@ class ScionC(Optimizer):
                         norm_target=norm_target, corrected=corrected, ns=ns, ns_steps=ns_steps, ns_dtype=ns_dtype,
                         nesterov=nesterov, maximize=maximize, backend=backend)
         self._check_group(defaults, [])
+        # Load the backends now (a first-use compile of the CPU kernels included), not inside the first step():
+        # a step traced by torch.compile then never meets an import.
+        _backends.available_backends()
         super().__init__(params, defaults)
         # Optional override of how LMO directions are computed (fn(inputs, lmo=, ns_steps=, ns=, ns_dtype=) -> list);
         # the distributed path calls it on whole matrices on their owner rank. None: the backend's own.
