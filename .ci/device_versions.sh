@@ -15,30 +15,49 @@
 #      kernels came from the ahead-of-time fusedecay._C (not a just-in-time build);
 #   5. runs the README's test command there (GPU tests skip; the Triton kernels run in the interpreter).
 #
-# Usage: bash .ci/device_versions.sh  (FUSEDECAY_DEVVER_TORCH / _TRITON / _PYTHON override the pins)
+# Usage: bash .ci/device_versions.sh                        the whole stage
+#        bash .ci/device_versions.sh --prepare DIR          only make the venv DIR (step 1; .ci/run does this in
+#                                                           the background while the other stages run)
+#        FUSEDECAY_DEVVER_VENV=DIR bash .ci/device_versions.sh   the stage, with a venv prepared that way
+# FUSEDECAY_DEVVER_TORCH / _TRITON / _PYTHON override the pins.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_SPEC="${FUSEDECAY_DEVVER_TORCH:-torch==2.11.0}"
 TRITON_SPEC="${FUSEDECAY_DEVVER_TRITON:-triton==3.6.0}"
-WORK="$(mktemp -d /tmp/fusedecay-devver.XXXXXX)"
-trap 'rm -rf "$WORK"' EXIT
 T0=$SECONDS
 
-# Python 3.12: the GPU image's. Under pyenv, `python3.12` on PATH may be a shim that refuses to run, so each
-# candidate is tried.
-PYTHON_BIN="${FUSEDECAY_DEVVER_PYTHON:-}"
-if [ -z "$PYTHON_BIN" ]; then
-  for cand in python3.12 "$(pyenv root 2>/dev/null || echo /root/.pyenv)"/versions/3.12*/bin/python3.12; do
-    if "$cand" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then PYTHON_BIN="$cand"; break; fi
-  done
+prepare_venv() {  # $1: the venv folder to create
+  # Python 3.12: the GPU image's. Under pyenv, `python3.12` on PATH may be a shim that refuses to run, so each
+  # candidate is tried.
+  local python_bin="${FUSEDECAY_DEVVER_PYTHON:-}" cand
+  if [ -z "$python_bin" ]; then
+    for cand in python3.12 "$(pyenv root 2>/dev/null || echo /root/.pyenv)"/versions/3.12*/bin/python3.12; do
+      if "$cand" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then python_bin="$cand"; break; fi
+    done
+  fi
+  [ -n "$python_bin" ] || { echo "device_versions.sh: no Python 3.12 found (set FUSEDECAY_DEVVER_PYTHON)" >&2; exit 2; }
+  "$python_bin" -m venv "$1"
+  # (pip's own failures stop the script: `|| true` only covers grep finding nothing to print)
+  "$1/bin/python" -m pip install -q --upgrade pip 2>&1 | { grep -v "^WARNING: Location" || true; }
+  "$1/bin/python" -m pip install -q "$TORCH_SPEC" "$TRITON_SPEC" "numpy<2.4" ninja setuptools wheel 2>&1 \
+      | { grep -v "^WARNING: Location" || true; }
+}
+
+if [ "${1:-}" = "--prepare" ]; then
+  prepare_venv "$2"
+  echo "[device_versions] venv prepared in $2 (+$(( SECONDS - T0 ))s)"
+  exit 0
 fi
-[ -n "$PYTHON_BIN" ] || { echo "device_versions.sh: no Python 3.12 found (set FUSEDECAY_DEVVER_PYTHON)" >&2; exit 2; }
-"$PYTHON_BIN" -m venv "$WORK/venv"
-PY="$WORK/venv/bin/python"
-# (pip's own failures stop the script: `|| true` only covers grep finding nothing to print)
-"$PY" -m pip install -q --upgrade pip 2>&1 | { grep -v "^WARNING: Location" || true; }
-"$PY" -m pip install -q "$TORCH_SPEC" "$TRITON_SPEC" "numpy<2.4" ninja setuptools wheel 2>&1 \
-    | { grep -v "^WARNING: Location" || true; }
+
+WORK="$(mktemp -d /tmp/fusedecay-devver.XXXXXX)"
+trap 'rm -rf "$WORK"' EXIT
+if [ -n "${FUSEDECAY_DEVVER_VENV:-}" ]; then
+  VENV="$FUSEDECAY_DEVVER_VENV"
+else
+  VENV="$WORK/venv"
+  prepare_venv "$VENV"
+fi
+PY="$VENV/bin/python"
 "$PY" -c "import sys, torch, triton; print('device versions: python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 "$PY" -c "import sys, torch; sys.exit(0 if torch.version.cuda else 'this torch is not a CUDA build: no CUDA extension to check')"
 echo "[device_versions] venv ready (+$(( SECONDS - T0 ))s)"

@@ -14,7 +14,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK="$(mktemp -d /tmp/fusedecay-newuser.XXXXXX)"
-trap 'rm -rf "$WORK"' EXIT
+# FUSEDECAY_CI_TRASH (set by .ci/run): leave the folder there, for .ci/run to delete while the next stage runs.
+trap 'if [ -n "${FUSEDECAY_CI_TRASH:-}" ]; then mv "$WORK" "$FUSEDECAY_CI_TRASH/"; else rm -rf "$WORK"; fi' EXIT
 T0=$SECONDS
 say() { echo "[new_user +$(( SECONDS - T0 ))s] $*"; }
 
@@ -32,7 +33,7 @@ say "command 2: ${CMDS[1]}"
 mkdir -p "$WORK/src"
 git ls-files -z --cached --others --exclude-standard | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C "$WORK/src"
 cd "$WORK/src"
-export PATH="$WORK/venv/bin:$PATH" VIRTUAL_ENV="$WORK/venv" FUSEDECAY_CACHE_DIR="$WORK/cache"
+export PATH="$WORK/venv/bin:$PATH" VIRTUAL_ENV="$WORK/venv" FUSEDECAY_CACHE_DIR="$WORK/cache" PIP_PROGRESS_BAR=off
 unset PYTHONPATH
 if python -c "import torch" 2>/dev/null; then
   echo "new_user.sh: the fresh venv already has torch; it must come with the install" >&2
