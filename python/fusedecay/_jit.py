@@ -5,10 +5,10 @@ Two ways to get ``torch.ops.fusedecay.adam_decay_`` on the CPU:
 * **ahead of time**: ``setup.py`` builds ``fusedecay._C`` when torch is importable at build time
   (``pip install --no-build-isolation``, ``python setup.py build_ext --inplace``);
 * **just in time** (this module): a plain ``pip install .`` builds in an isolated environment without torch,
-  so the package installs pure Python plus its C++ sources (``fusedecay/csrc``). On the first step that needs
-  the CPU kernels, :func:`build_cpu` compiles them with ``torch.utils.cpp_extension.load`` (ninja) into a cache
+  so the package installs pure Python plus its C++ sources (``fusedecay/csrc``). When the backends first load
+  (the first optimizer constructed), :func:`build_cpu` compiles them with ``torch.utils.cpp_extension.load`` (ninja) into a cache
   folder keyed by torch version, C++ ABI, Python version, machine and a hash of the sources and flags, so a
-  new torch (or changed sources) gets its own build and a cached one loads in well under a second.
+  new torch (or changed sources) gets its own build and a cached one loads without compiling.
 
 Failures (no compiler, no ninja, a compile error) raise ImportError with the reason; ``fusedecay.backends``
 records it and ``backend="auto"`` falls back to the eager reference with one warning.
@@ -32,8 +32,8 @@ from typing import List, Optional
 
 #: The CPU extension's sources, relative to the csrc folder.
 CPU_SOURCES = ("ops.cpp", "cpu/adam_decay_cpu.cpp")
-#: Compiler flags of the CPU extension (both builds). -ffp-contract=off keeps the per-element math free of
-#: FMA contraction, so it rounds as the reference's separate torch ops do; OpenMP runs the chunks in parallel.
+#: Compiler flags of the CPU extension, both builds (-ffp-contract=off: no FMA contraction, so every vector clone
+#: and the scalar loop round alike; docs/kernels.md). OpenMP runs the chunks in parallel.
 CPU_CXX_FLAGS = ("-O3", "-g0", "-fno-math-errno", "-ffp-contract=off", "-fopenmp")
 CPU_LD_FLAGS = ("-fopenmp",)
 JIT_NAME = "fusedecay_cpu"
