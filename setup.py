@@ -1,19 +1,32 @@
-"""fusedecay build.
+"""fusedecay build (docs/install.md).
 
-Pure-Python install works everywhere; compiled backends come from csrc/ (see docs/kernels.md):
+The compiled CPU kernels come one of two ways (DeepSpeed's scheme):
 
-    pip install -e . --no-build-isolation        # builds fusedecay._C (CPU) and, with CUDA torch + nvcc,
-                                                 # fusedecay._C_cuda, in place inside python/fusedecay/
-    python setup.py build_ext --inplace          # the same, without installing
-    FUSEDECAY_NO_EXT=1 pip install -e .          # pure Python (backend "auto" falls back to the reference)
+    pip install -e .                             # build isolation: no torch at build time, so the package is
+                                                 # pure Python + its C++ sources (fusedecay/csrc); the CPU kernels
+                                                 # are compiled on first use (fusedecay._jit) and cached
+    pip install -e . --no-build-isolation        # torch importable at build time: builds fusedecay._C (CPU) and,
+                                                 # with CUDA torch + nvcc, fusedecay._C_cuda ahead of time
+    python setup.py build_ext --inplace          # the same ahead-of-time build, without installing
+    FUSEDECAY_NO_EXT=1 pip install ...           # no ahead-of-time build even where torch is importable
     FUSEDECAY_NO_CUDA=1 ...                      # skip only the CUDA extension
 """
 import glob
+import importlib.util
 import os
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _jit_module():
+    """fusedecay/_jit.py without importing the package (which imports torch): the CPU sources and flags."""
+    path = os.path.join(ROOT, "python", "fusedecay", "_jit.py")
+    spec = importlib.util.spec_from_file_location("_fusedecay_jit", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _find_cuda_home():
@@ -43,11 +56,11 @@ def _extensions():
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:  # building without torch: pure-Python package
         return [], {}
-    cxx = ["-O3", "-g0", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
+    jit = _jit_module()
     csrc = "csrc"
-    exts = [CppExtension("fusedecay._C", sources=[f"{csrc}/ops.cpp", f"{csrc}/cpu/adam_decay_cpu.cpp"],
-                         include_dirs=[os.path.join(ROOT, csrc)], extra_compile_args=cxx,
-                         extra_link_args=["-fopenmp"])]
+    exts = [CppExtension("fusedecay._C", sources=[f"{csrc}/{s}" for s in jit.CPU_SOURCES],
+                         include_dirs=[os.path.join(ROOT, csrc)], extra_compile_args=list(jit.CPU_CXX_FLAGS),
+                         extra_link_args=list(jit.CPU_LD_FLAGS))]
     want_cuda = os.environ.get("FUSEDECAY_NO_CUDA", "0") != "1"
     if want_cuda and torch.version.cuda is not None and CUDA_HOME is None:
         print("fusedecay: torch is a CUDA build but no CUDA toolkit was found: fusedecay._C_cuda is NOT built "
@@ -67,14 +80,23 @@ setup(
     name="fusedecay",
     version="0.1.0",
     description="Fused optimizer kernels for AdamHD, AdamC and ScionC (PyTorch)",
-    # python/fusedecay/triton_kernels is a symlink to the top-level triton_kernels/ (kept at the top level
-    # by the agreed layout, installed inside the package).
+    # python/fusedecay/triton_kernels and python/fusedecay/csrc are symlinks to the top-level triton_kernels/ and
+    # csrc/ (kept at the top level by the agreed layout, installed inside the package: the C++ sources are what
+    # the just-in-time build compiles).
     packages=find_packages("python"),
     package_dir={"": "python"},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
-    extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark", "numpy"],
-                    "demo": ["matplotlib", "tqdm"]},
+    package_data={"fusedecay": ["csrc/*.h", "csrc/*.cpp", "csrc/cpu/*.h", "csrc/cpu/*.cpp", "csrc/cuda/*.h",
+                                "csrc/cuda/*.cpp", "csrc/cuda/*.cu"]},
+    # The versions CI tests (README, "Tested versions"): torch 2.11 is the oldest, Python 3.11 and 3.12.
+    python_requires=">=3.11",
+    install_requires=["torch>=2.11", "ninja"],
+    extras_require={
+        "triton": ["triton"],
+        "demo": ["matplotlib", "tqdm"],
+        # Everything tests/ imports; the framework tests (Trainer, Lightning) fail rather than skip under CI=true.
+        "test": ["pytest", "pytest-benchmark", "numpy", "matplotlib", "tqdm", "transformers", "accelerate",
+                 "lightning", "triton; platform_system == 'Linux'"],
+    },
     entry_points={"console_scripts": ["fusedecay-demo=fusedecay.demo.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

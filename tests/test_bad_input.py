@@ -205,3 +205,25 @@ def test_step_on_a_param_that_moved_device_after_its_state_was_made(kind):
         assert torch.equal(ps[i].detach(), params[i])
     for p, st in opt.state.items():
         assert all(torch.equal(v, state[id(p)][k]) for k, v in st.items())
+
+
+def test_native_load_after_the_optimizer_was_deep_copied():
+    """torch's Optimizer.__setstate__ (deepcopy, unpickling: what a Trainer's checkpointing may do) adds
+    "differentiable" to the defaults; a native state dict must still load as native (saved lr restored, μ kept)."""
+    import copy
+
+    from fusedecay import AdamHD, ScionC
+
+    for make in (lambda ps: AdamHD(ps, lr=1e-2, weight_decay=0.1), lambda ps: ScionC(ps, lr=1e-2, lmo="bias")):
+        ps = [torch.nn.Parameter(torch.randn(4, 3))]
+        opt = make(ps)
+        ps[0].grad = torch.randn(4, 3)
+        opt.step()
+        opt.param_groups[0]["lr"] = 5e-3
+        saved = copy.deepcopy(opt.state_dict())
+        clone = copy.deepcopy(opt)
+        assert "differentiable" in clone.defaults
+        clone.param_groups[0]["lr"] = 1.0
+        clone.load_state_dict(saved)
+        assert clone.param_groups[0]["lr"] == 5e-3                       # native: the saved hyperparameters
+        assert set(clone.state[clone.param_groups[0]["params"][0]]) == set(saved["state"][0])

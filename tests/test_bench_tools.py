@@ -70,6 +70,6 @@ def test_to_results_reports_device_time_and_judges_gpu_targets_on_it(tmp_path):
 
 
 def test_shell_scripts_parse():
-    for script in ("bench/gpu_suite.sh", "bench/cpu_suite.sh", ".ci/device_versions.sh", ".ci/run"):
+    for script in ("bench/gpu_suite.sh", "bench/cpu_suite.sh", ".ci/device_versions.sh", ".ci/new_user.sh", ".ci/run"):
         res = subprocess.run(["bash", "-n", os.path.join(REPO, script)], capture_output=True, text=True)
         assert res.returncode == 0, (script, res.stderr)

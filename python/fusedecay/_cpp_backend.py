@@ -5,56 +5,46 @@ so torch.compile sees it as a mutating custom op); the dispatcher picks the CPU 
 the tensors' device. The Python side only turns the contract's arguments (lr / max_lr as float or
 tensor) into the op's.
 
-The extensions are built by ``pip install -e . --no-build-isolation`` or ``python setup.py build_ext
---inplace`` (see docs/kernels.md). With ``FUSEDECAY_JIT=1`` a missing CPU extension is compiled on the
-fly with ``torch.utils.cpp_extension.load`` into ``<checkout>/build/jit`` (development and tests only).
-An import failure here is normal on a pure-Python install: ``fusedecay.backends`` records the reason
-and falls back to the reference.
+The CPU extension comes ahead of time (``fusedecay._C``, built by setup.py when torch is importable at build
+time: ``pip install --no-build-isolation``, ``python setup.py build_ext --inplace``) or, when that is missing
+or was built for another torch, just in time on first use (:mod:`fusedecay._jit`; docs/install.md). The CUDA
+extension is ahead of time only. An import failure here means neither worked (no compiler, ``FUSEDECAY_JIT=0``):
+``fusedecay.backends`` records the reason and falls back to the reference, with one warning.
 """
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from . import _jit
 from . import backends as _backends
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_CSRC = os.path.normpath(os.path.join(_HERE, "..", "..", "csrc"))
 
 #: Why the CUDA extension is not available (None when it is loaded).
 cuda_unavailable_reason: Optional[str] = None
 
 
-def _jit_build_cpu():
-    """Compile the CPU extension with cpp_extension.load (ninja) into <checkout>/build/jit."""
-    from torch.utils.cpp_extension import load
-
-    build_dir = os.path.join(os.path.dirname(_CSRC), "build", "jit")
-    os.makedirs(build_dir, exist_ok=True)
-    flags = ["-O3", "-g0", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
-    return load(name="fusedecay_C_jit", sources=[os.path.join(_CSRC, "ops.cpp"),
-                                                 os.path.join(_CSRC, "cpu", "adam_decay_cpu.cpp")],
-                extra_include_paths=[_CSRC], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                build_directory=build_dir, is_python_module=False, verbose=False)
-
-
-def _load_cpu():
+def _load_cpu() -> str:
+    """Load the CPU kernels: the ahead-of-time ``fusedecay._C``, else a just-in-time build. Returns where from."""
     try:
-        return importlib.import_module("fusedecay._C")
+        importlib.import_module("fusedecay._C")
+        return "fusedecay._C"
     except ImportError as e:
-        if os.environ.get("FUSEDECAY_JIT", "0") == "1" and os.path.isdir(_CSRC):
-            return _jit_build_cpu()
-        raise ImportError(f"fusedecay._C is not built ({e}); build it with `python setup.py build_ext --inplace` "
-                          f"or `pip install -e . --no-build-isolation`") from e
+        aot_error = e
+    try:
+        return _jit.build_cpu()
+    except ImportError as e:
+        raise ImportError(f"no CPU kernels: fusedecay._C is not built ({aot_error}) and the just-in-time build "
+                          f"did not work ({e})") from e
 
 
-_load_cpu()
+#: Where the CPU kernels came from: "fusedecay._C" or the path of the just-in-time build.
+cpu_kernels_origin = _load_cpu()
 if not hasattr(torch.ops.fusedecay, "adam_decay_"):
-    raise ImportError("fusedecay._C loaded but did not register torch.ops.fusedecay.adam_decay_")
+    raise ImportError(f"the CPU kernels ({cpu_kernels_origin}) loaded but did not register "
+                      "torch.ops.fusedecay.adam_decay_")
 
 if torch.version.cuda is not None:
     try:

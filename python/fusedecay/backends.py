@@ -65,9 +65,15 @@ def register(backend: Backend) -> None:
 
 
 def _load_plugins() -> None:
+    # torch.compile traces this on every step: after the first call it is one global read (a constant to dynamo);
+    # the imports themselves (and a first-use compile of the CPU kernels) run eagerly, outside any graph.
+    if not _plugins_loaded:
+        _import_plugins()
+
+
+@torch.compiler.disable
+def _import_plugins() -> None:
     global _plugins_loaded
-    if _plugins_loaded:
-        return
     _plugins_loaded = True
     for mod in _PLUGIN_MODULES:
         try:

@@ -35,6 +35,7 @@ from torch.optim import Optimizer
 from .._validate import param_label
 
 ADAM_FIELDS = ("step", "exp_avg", "exp_avg_sq")
+TORCH_ADDED_DEFAULTS = frozenset({"differentiable"})
 # Adam-family state with no counterpart in a switch's target: what happens to it.
 _DROPPED = {"delta_mu": None,  # μ: AdamHD's own; restarts from the weights, silently by design (documented)
             "max_exp_avg_sq": "torch AMSGrad's max_exp_avg_sq has no counterpart here and is dropped"}
@@ -56,7 +57,8 @@ def check_dict(state_dict: Mapping[str, Any]) -> None:
 def is_native(optimizer: Optimizer, saved_groups: List[dict], all_option_keys: set, optional_keys=()) -> bool:
     """Whether every saved group carries this optimizer's options and no option of a sibling optimizer
     (``all_option_keys``: the options of every optimizer this one may receive state from)."""
-    own = set(optimizer.defaults)
+    # torch's Optimizer.__setstate__ (unpickling, deepcopy) adds "differentiable" to the defaults; not an option of ours.
+    own = set(optimizer.defaults) - TORCH_ADDED_DEFAULTS
     required = own - set(optional_keys)
     return all(required <= set(g) and not (set(g) & all_option_keys) - own for g in saved_groups)
 

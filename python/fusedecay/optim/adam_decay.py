@@ -28,6 +28,9 @@ class _AdamDecayBase(Optimizer):
 
     def __init__(self, params, defaults: Dict[str, Any]):
         self._check_group(defaults)
+        # Load the backends now (a first-use compile of the CPU kernels included), not inside the first step():
+        # a step traced by torch.compile then never meets an import.
+        _backends.available_backends()
         super().__init__(params, defaults)
 
     # -- param groups ----------------------------------------------------------------------------

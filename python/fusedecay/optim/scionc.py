@@ -59,6 +59,9 @@ class ScionC(Optimizer):
                         norm_target=norm_target, corrected=corrected, ns=ns, ns_steps=ns_steps, ns_dtype=ns_dtype,
                         nesterov=nesterov, maximize=maximize, backend=backend, matrix_view=matrix_view)
         self._check_group(defaults, [], defaults_only=True)
+        # Load the backends now (a first-use compile of the CPU kernels included), not inside the first step():
+        # a step traced by torch.compile then never meets an import.
+        _backends.available_backends()
         super().__init__(params, defaults)
         # Optional override of how LMO directions are computed (fn(inputs, lmo=, ns_steps=, ns=, ns_dtype=) -> list);
         # the distributed path calls it on whole matrices on their owner rank. None: the backend's own.
@@ -123,7 +126,7 @@ class ScionC(Optimizer):
         mismatch raises naming the param and field, and changes nothing."""
         C.check_dict(state_dict)
         if not C.is_native(self, state_dict["param_groups"], set(self.defaults), _OPTIONAL_GROUP_KEYS):
-            missing = sorted(set(self.defaults) - set(_OPTIONAL_GROUP_KEYS)
+            missing = sorted(set(self.defaults) - set(_OPTIONAL_GROUP_KEYS) - C.TORCH_ADDED_DEFAULTS
                              - set().union(*map(set, state_dict["param_groups"] or [{}])))
             raise ValueError(f"load_state_dict: not a ScionC state dict: its param groups lack {missing}; a ScionC "
                              f"needs a momentum_buffer per param (another optimizer's state cannot be mapped)")
