@@ -197,12 +197,14 @@ def backend_names(device: torch.device) -> Dict[str, str]:
 
 
 def git_commit() -> str:
-    """The checkout's commit (with "+dirty" if tracked files changed), or "unknown" outside a git checkout."""
+    """The checkout's commit, "+dirty" if tracked code (the package, the extension sources, setup.py) differs from
+    it — docs may change while a long run goes; "unknown" outside a git checkout."""
     here = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
                               check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/python", ":/csrc",
+                                ":/triton_kernels", ":/setup.py"], cwd=here,
                                capture_output=True, text=True, check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
