@@ -191,6 +191,7 @@ def test_default_regime_gives_every_decayed_optimizer_a_total_decay_of_at_least_
     (["--sweep-lambdas", "0.1,1"], "only used with --sweep"),
     (["--sweep", "--sweep-lambdas", "1"], "at least 2"),
     (["--device", "cuda", "--workers", "2"], "--workers"),
+    (["--layer-sparsities", "0.9"], "pruning-curve summary"),
 ])
 def test_bad_flag_combinations_fail_clearly(argv, message):
     with pytest.raises(SystemExit, match=message):
@@ -368,6 +369,7 @@ def test_sweep_picks_each_optimizers_own_best_lambda():
     assert "AdamW at λ 0.1 (grid edge)" in loss["comparison"] and "AdamHD at λ 1 (grid edge)" in loss["comparison"]
     robust = next(r for r in rows if r["claim"].startswith("AdamHD is more robust to λ") and "val loss" in r["claim"])
     assert robust["verdict"] == "agrees"         # spread over the grid 0.5 (AdamW) vs 0.4 (AdamHD) on every seed
+    assert robust["numbers"].startswith("AdamW 0.5000 ± 0.0000, AdamHD 0.4000 ± 0.0000")
 
 
 # ---- optimizers, schedule, corpus, pruning -------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from .. import backends as _backends
 from . import plots
 from .claims import Setting, shared_claims, sweep_claims
 from .corpus import load_corpus
+from .measures import CURVE_MAX
 from .model import GPT, SIZES, GPTConfig
 from .optimizers import EXTRA_OPTIMIZERS, OPTIMIZERS, Hyper
 from .prune import prunable_share
@@ -172,6 +173,9 @@ def resolve_args(a: argparse.Namespace) -> argparse.Namespace:
         if getattr(a, k) < 1:
             raise SystemExit(f"--{k.replace('_', '-')} must be >= 1, got {getattr(a, k)}")
     a.eval_every = a.eval_every or max(1, a.steps // 20)
+    if not any(0 < s <= CURVE_MAX for s in a.layer_sparsities):
+        raise SystemExit(f"--layer-sparsities needs a value in (0, {CURVE_MAX}] for the pruning-curve summary, got "
+                         f"{a.layer_sparsities}")
     if a.workers is None:
         a.workers = 1 if a.device == "cuda" else available_cpus()
     if a.workers < 1 or (a.device == "cuda" and a.workers != 1):
