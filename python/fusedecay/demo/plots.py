@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from .claims import Setting, iv, values  # noqa: E402
 from .measures import block_norm, edge_width, final_phase  # noqa: E402
@@ -198,6 +199,8 @@ def sweep(grid: Sequence[Dict[str, Setting]], lambdas: Sequence[float], path: Pa
             _band(a, lambdas, list(zip(*[values(point[name], key) for point in grid])), COLORS[name], LABELS[name],
                   marker="o", ms=4)
         a.set(title=title, xlabel="λ (Scion family: matched peak decay)", ylabel="nats/byte", xscale="log")
+        a.set_xticks(list(lambdas), [f"{lam:g}" for lam in lambdas])
+        a.xaxis.set_minor_formatter(NullFormatter())
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
     fig.suptitle(BAND, fontsize=9)
