@@ -11,13 +11,19 @@ Every optimizer sees the same param roles (:func:`fusedecay.param_groups`; the h
 The Adam variants share lr, betas, eps and λ (one grid point: AdamHD and AdamC are drop-in
 replacements for AdamW, which is how both papers compare). ScionC's lr lives on a different scale (its
 step is lr × radius along a unit-norm direction), so it uses the Scion authors' GPT values; the
-learning-rate *schedule* is the same for all four.
+learning-rate *schedule* is the same for all of them.
+
+Decay strength. Unless given, the Scion family's decay is matched to the Adam family's: ScionC's C² is
+chosen so that its per-step decay of the block matrices at the peak lr, η_max = s²(2 − α)/(2αC²) with
+s = γ_max·ρ, equals the Adam family's γ_max·λ, and the uncorrected Scion baseline gets λ = η_max/γ_max
+(its decay at the peak lr is then the same too). Every decayed optimizer then has the same decay
+timescale 1/η_max at the peak; AdamW, AdamHD and Scion follow γ_t, AdamC and ScionC follow γ_t².
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -47,10 +53,22 @@ class Hyper:
     scion_momentum: float = 0.1    # α, weight on the new gradient
     scion_hidden_radius: float = 50.0
     scion_sign_radius: float = 3000.0
-    scion_norm_target: float = 1.1875   # C², the author's ViT starting value
+    scion_norm_target: Optional[float] = None   # C² of ScionC's block matrices; None: matched (module docstring)
     scion_sign_decay: float = 1.0  # λ of the uncorrected sign layers: η = γ·λ = γ (Scion's constrained decay)
-    scion_plain_decay: float = 1.0  # λ of the optional uncorrected "scion" baseline on its hidden matrices
+    scion_plain_decay: Optional[float] = None   # λ of the uncorrected "scion" baseline's block matrices; None: matched
     warmup_frac: float = 0.1       # linear warmup share of the steps, then cosine to 0
+
+    def __post_init__(self) -> None:
+        peak = self.adam_lr * self.weight_decay   # η_max = γ_max·λ of the Adam family
+        if (self.scion_norm_target is None or self.scion_plain_decay is None) and not peak > 0:
+            raise ValueError(f"matching the Scion family's decay needs adam_lr·weight_decay > 0, got "
+                             f"{self.adam_lr}·{self.weight_decay}; give scion_norm_target and scion_plain_decay")
+        if self.scion_norm_target is None:
+            s = self.scion_lr * self.scion_hidden_radius
+            a = self.scion_momentum
+            self.scion_norm_target = s * s * (2 - a) / (2 * a * peak)   # C² with s²(2−α)/(2αC²) = η_max
+        if self.scion_plain_decay is None:
+            self.scion_plain_decay = peak / self.scion_lr              # λ with γ_max·λ = η_max
 
     def to_dict(self) -> dict:
         return asdict(self)
