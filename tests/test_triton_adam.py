@@ -443,12 +443,13 @@ sys.path.insert(0, sys.argv[1])
 from fusedecay.triton_kernels import adam_decay as K
 scalars = ("lr_value", "max_lr_value", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps",
            "weight_decay", "delta_fixed", "delta_scale")
-for p_dt, m_dt, aligned in ((tl.float32, tl.float32, True), (tl.bfloat16, tl.float32, True),
-                            (tl.bfloat16, tl.bfloat16, True), (tl.float32, tl.float32, False)):
-    const = dict(P_DTYPE=p_dt, G_DTYPE=p_dt, M_DTYPE=m_dt, V_DTYPE=m_dt, DECAY=1, DELTA_FROM_MU=True, LR_IS_PTR=True,
+for p_dt, m_dt, v_dt, aligned in ((tl.float32, tl.float32, tl.float32, True), (tl.bfloat16, tl.float32, tl.float32, True),
+                                  (tl.bfloat16, tl.bfloat16, tl.bfloat16, True), (tl.float32, tl.int8, tl.uint8, True),
+                                  (tl.float32, tl.float32, tl.float32, False)):
+    const = dict(P_DTYPE=p_dt, G_DTYPE=p_dt, M_DTYPE=m_dt, V_DTYPE=v_dt, DECAY=1, DELTA_FROM_MU=True, LR_IS_PTR=True,
                  CORRECTED=True, MAX_LR_IS_PTR=False, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, BIAS_CORRECTION=True,
                  LOG2_BETA1=-0.152, LOG2_BETA2=-0.00144, MAXIMIZE=False, WRITE_ABS=True, ALIGNED=aligned,
-                 BLOCK=K.DEFAULT_BLOCK)
+                 QUANT=m_dt == tl.int8, BLOCK=K.DEFAULT_BLOCK)
     sig = {a: ("fp32" if a in scalars else "i32" if a in ("n_tensors", "block_map_offset") else
                "*i64" if a == "meta_ptr" else "*fp32") for a in K._adam_decay_kernel.arg_names if a not in const}
     sig.update({k: "constexpr" for k in const})
@@ -463,8 +464,8 @@ for p_dt, m_dt, aligned in ((tl.float32, tl.float32, True), (tl.bfloat16, tl.flo
 
 @pytest.mark.slow
 def test_kernel_lowers_to_ptx_with_vector_accesses(tmp_path):
-    """Without a GPU: compile the kernel for sm_90 (PTX only); check 16-byte loads/stores when aligned and
-    IEEE-rounded division and square root."""
+    """Without a GPU: compile the kernel for sm_90 (PTX only), 8-bit state included; check 16-byte loads/stores
+    when aligned and IEEE-rounded division and square root."""
     import subprocess
     import sys
     if CUDA:
@@ -479,9 +480,9 @@ def test_kernel_lowers_to_ptx_with_vector_accesses(tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
-    assert [ln.split()[:2] for ln in lines if not ln.startswith("ieee")] == [["True", "True"]] * 3 + [["False", "False"]]
+    assert [ln.split()[:2] for ln in lines if not ln.startswith("ieee")] == [["True", "True"]] * 4 + [["False", "False"]]
     ieee = [ln for ln in lines if ln.startswith("ieee")]
-    assert len(ieee) == 4 and all(ln.split()[1] == "True" for ln in ieee), ieee
+    assert len(ieee) == 5 and all(ln.split()[1] == "True" for ln in ieee), ieee
 
 
 # ------------------------------------------------------------------------------------------------

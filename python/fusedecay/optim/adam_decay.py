@@ -1,9 +1,11 @@
 """AdamHD and AdamC: drop-in ``torch.optim.Optimizer`` classes over :func:`fusedecay.functional.adam_decay`.
 
 Both keep per-param state ``step`` (float32 0-d tensor on the param's device), ``exp_avg``,
-``exp_avg_sq`` and, for AdamHD with ``delta_mode`` "mean"/"ema", ``delta_mu`` (μ^(l): the tracked
-mean |θ| that gives δ^(l) = delta_scale·μ^(l)). ``step()`` does no host sync: lr may be a float or a
-0-d tensor, and GradScaler's ``grad_scale``/``found_inf`` are applied on the device.
+``exp_avg_sq`` — or, in a group with ``state_bits=8``, their 8-bit codes and block scales (see
+:mod:`fusedecay.optim._state_format` and docs/state8.md) — and, for AdamHD with ``delta_mode``
+"mean"/"ema", ``delta_mu`` (μ^(l): the tracked mean |θ| that gives δ^(l) = delta_scale·μ^(l)).
+``step()`` does no host sync: lr may be a float or a 0-d tensor, and GradScaler's
+``grad_scale``/``found_inf`` are applied on the device.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from .. import _validate as V
 from .. import backends as _backends
 from .. import distributed as _dist
 from ..functional import DELTA_MODES, UPDATES, adam_decay, init_delta_mu
+from . import _state_format as SF
 
 
 class _AdamDecayBase(Optimizer):
@@ -41,6 +44,7 @@ class _AdamDecayBase(Optimizer):
         V.flag("corrected", g["corrected"])
         V.choice("backend", g["backend"], _backends.BACKEND_NAMES)
         V.choice("moment_dtype", g["moment_dtype"], (None, torch.float32, torch.bfloat16, torch.float64))
+        V.choice("state_bits", g.get("state_bits", 32), (32, 8))
         if g.get("max_lr") is not None:
             V.positive("max_lr", g["max_lr"])
 
@@ -74,8 +78,11 @@ class _AdamDecayBase(Optimizer):
                 and group["weight_decay"] != 0)
 
     # -- state -----------------------------------------------------------------------------------
-    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, steps, mus):
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, steps, mus, scales):
+        """Fills the lists for one group; ``scales`` gets (exp_avg_scales, exp_avg_sq_scales) per param (None for
+        full-precision moments) when the group has ``state_bits=8``."""
         tracks = self._tracks_delta(group)
+        state8 = group.get("state_bits", 32) == 8
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -83,15 +90,20 @@ class _AdamDecayBase(Optimizer):
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                mdt = group.get("moment_dtype") or p.dtype  # e.g. fp32 moments for bf16 params
-                state["exp_avg"] = torch.zeros_like(p, dtype=mdt, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=mdt, memory_format=torch.preserve_format)
+                state.update(SF.new_moments(group, p))
             if tracks and "delta_mu" not in state:
                 state["delta_mu"] = self._initial_delta_mu(p)
             params.append(p)
             grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
+            if state8 and "exp_avg_codes" in state:
+                exp_avgs.append(state["exp_avg_codes"])
+                exp_avg_sqs.append(state["exp_avg_sq_codes"])
+                scales.append((state["exp_avg_scales"], state["exp_avg_sq_scales"]))
+            else:
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                if state8:
+                    scales.append((None, None))
             steps.append(state["step"])
             if tracks:
                 mus.append(state["delta_mu"])
@@ -109,8 +121,8 @@ class _AdamDecayBase(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, steps, mus = [], [], [], [], [], []
-            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps, mus)
+            params, grads, exp_avgs, exp_avg_sqs, steps, mus, scales = [], [], [], [], [], [], []
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps, mus, scales)
             if not params:
                 continue
             beta1, beta2 = group["betas"]
@@ -122,16 +134,24 @@ class _AdamDecayBase(Optimizer):
                        delta=group.get("delta"), delta_scale=group.get("delta_scale", 1.0),
                        delta_beta=group.get("delta_beta", 0.0), max_lr=self._max_lr(group),
                        bias_correction=group["bias_correction"], maximize=group["maximize"],
-                       backend=group["backend"], grad_scale=grad_scale, found_inf=found_inf)
+                       backend=group["backend"], grad_scale=grad_scale, found_inf=found_inf,
+                       exp_avg_scales=[s[0] for s in scales] if scales else None,
+                       exp_avg_sq_scales=[s[1] for s in scales] if scales else None)
         return loss
 
     # -- checkpoints -----------------------------------------------------------------------------
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """As torch's, but state keeps the dtypes it was saved with and ``step`` lives on the param's device,
         so a resume is bit-identical. (torch casts every state tensor but ``step`` to the param's dtype, which
-        would round fp32 moments and μ of bf16 params; the saved tensors are put back, moved only.)"""
+        would round fp32 moments and μ of bf16 params; the saved tensors are put back, moved only.)
+        ``state_bits`` is a storage choice, not a hyperparameter: each group keeps its own, and moments saved in
+        the other format are converted (8-bit ↔ full precision, :func:`fusedecay.optim._state_format.convert_moments`)."""
         saved = {k: {n: v for n, v in s.items() if isinstance(v, Tensor)} for k, s in state_dict["state"].items()}
+        state_bits = [g.get("state_bits", 32) for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for g, bits in zip(self.param_groups, state_bits):
+            g["state_bits"] = bits
+        owner = {id(p): g for g in self.param_groups for p in g["params"]}
         params = [p for g in self.param_groups for p in g["params"]]
         for key, tensors in saved.items():
             if not isinstance(key, int) or key >= len(params):
@@ -141,6 +161,7 @@ class _AdamDecayBase(Optimizer):
             for name, v in tensors.items():
                 if name in st:
                     st[name] = v.to(device=p.device)
+            SF.convert_moments(owner[id(p)], p, st)
 
 
 class AdamHD(_AdamDecayBase):
@@ -162,6 +183,9 @@ class AdamHD(_AdamDecayBase):
         bias_correction: Adam's bias correction (True, as torch AdamW). maximize: ascend.
         moment_dtype: dtype of exp_avg/exp_avg_sq (None: the param's, as torch AdamW; torch.float32 keeps
             fp32 moments for bf16 params — the compiled and Triton kernels read and write them directly).
+        state_bits: 32 (moments in ``moment_dtype``) or 8: 8-bit blockwise moments (≈2.06 B/param instead of 8,
+            docs/state8.md) for fp32/bf16 params with at least 2 dims, 4096 elements and a dim-0 row that is a
+            multiple of 128; other params of the group keep ``moment_dtype`` moments.
         backend: "auto" | "reference" | "cpu" | "cuda" | "triton".
 
     Defaults c = 1.0, β0 = 0.99, bias_correction=True and ``update="prox"`` are fusedecay's choices:
@@ -172,11 +196,12 @@ class AdamHD(_AdamDecayBase):
                  weight_decay: float = 1e-2, *, update: str = "prox", delta_mode: str = "ema",
                  delta: Optional[float] = None, delta_scale: float = 1.0, delta_beta: float = 0.99,
                  corrected: bool = False, max_lr: Optional[float] = None, bias_correction: bool = True,
-                 maximize: bool = False, moment_dtype: Optional[torch.dtype] = None, backend: str = "auto"):
+                 maximize: bool = False, moment_dtype: Optional[torch.dtype] = None, state_bits: int = 32,
+                 backend: str = "auto"):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update=update,
                         delta_mode=delta_mode, delta=delta, delta_scale=delta_scale, delta_beta=delta_beta,
                         corrected=corrected, max_lr=max_lr, bias_correction=bias_correction, maximize=maximize,
-                        moment_dtype=moment_dtype, backend=backend)
+                        moment_dtype=moment_dtype, state_bits=state_bits, backend=backend)
         super().__init__(params, defaults)
 
     def _check_group(self, g):
@@ -214,10 +239,10 @@ class AdamC(_AdamDecayBase):
     def __init__(self, params, lr=1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, corrected: bool = True, max_lr: Optional[float] = None,
                  bias_correction: bool = True, maximize: bool = False, moment_dtype: Optional[torch.dtype] = None,
-                 backend: str = "auto"):
+                 state_bits: int = 32, backend: str = "auto"):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, corrected=corrected, max_lr=max_lr,
                         bias_correction=bias_correction, maximize=maximize, moment_dtype=moment_dtype,
-                        backend=backend)
+                        state_bits=state_bits, backend=backend)
         super().__init__(params, defaults)
 
     def _decay_of(self, group) -> str:
