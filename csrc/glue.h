@@ -201,10 +201,10 @@ inline Prepared prepare_adam_decay(const at::TensorList params, const at::Tensor
     if (state8) {
       check_state8(i, p, m, v, (*exp_avg_scales)[i], (*exp_avg_sq_scales)[i], out.chunk_size);
     } else {
-      TORCH_CHECK_VALUE(m.scalar_type() == v.scalar_type(), "Invalid exp_avg_sqs[", i, "]: dtype ", v.scalar_type(),
-                        " differs from exp_avgs[", i, "] (", m.scalar_type(), ")");
       TORCH_CHECK_VALUE(m.scalar_type() != at::kChar, "Invalid exp_avgs[", i,
                         "]: int8 moments are 8-bit state and need exp_avg_scales / exp_avg_sq_scales");
+      TORCH_CHECK_VALUE(m.scalar_type() == v.scalar_type(), "Invalid exp_avg_sqs[", i, "]: dtype ", v.scalar_type(),
+                        " differs from exp_avgs[", i, "] (", m.scalar_type(), ")");
     }
     TORCH_CHECK_VALUE(supported_pair(out.param_dtype, m.scalar_type()), "Invalid exp_avgs[", i, "]: moments of dtype ",
                       m.scalar_type(), " are not supported for ", out.param_dtype, " params");

@@ -3,20 +3,21 @@
 // is docs/state8.md; the readable reference is python/fusedecay/reference/state8.py. Torch-free.
 //
 // A block is kBlock consecutive elements of the tensor in row-major order (blocks never straddle a
-// dim-0 row; see eligibility in docs/state8.md). Per block one fp32 scale per moment:
-//   exp_avg:    s_m = max |m|,   int8 code  c = sign(m)·rne(min(127·sqrt(|m|·r_m), 127)),  m = ((c·|c|)·K_m)·s_m
-//   exp_avg_sq: s_w = max √v,    uint8 code c = rne(min(255·sqrt(√v·r_w), 255)),          √v = ((c·c)·K_v)·s_w
-// with K_m = fp32(1/127²), K_v = fp32(1/255²) (127²·K_m and 255²·K_v round to exactly 1, so the largest code
-// decodes to its scale and decode → encode gives back the same codes and scales), r = 1/s for a normal
-// s ≥ 2^−126 and 0 otherwise (an all-zero block, a NaN scale, a block of subnormals: stored as zeros),
-// rne = round to nearest, ties to even. Both codes are square-root
-// companded: m's code is linear in sqrt|m|, v's in sqrt(√v) = v^¼, so the quantity the update divides by
-// (√v) gets the same relative resolution m gets. Encoding is arithmetic (sqrt, multiply, round): no table
-// search. The maxima are taken on the bit patterns of |x| (integer max: exact, order-independent, and a
-// NaN anywhere in a block makes its scale NaN, so the block decodes to NaN as fp32 state would stay NaN).
+// dim-0 row; see eligibility in docs/state8.md). Per block one fp32 scale per moment, its largest
+// magnitude, and per element an 8-bit float of the element relative to that scale:
+//   exp_avg m:     s_m = max |m|,  int8 code  c = sign(m)·F8(|m|·r_m; E=4, M=3),   m  = sign(c)·V(|c|)·s_m
+//   exp_avg_sq v:  s_w = max √v,   uint8 code c = F8(√v·r_w; E=5, M=3),           √v = V(c)·s_w,  v = (√v)²
+// r = 1/s for a normal s ≥ 2^−126, else 0 (an all-zero block, a NaN scale, a block of subnormals: stored
+// as zeros). F8(x; E, M) is x ∈ [0, 1] as a float with E exponent bits (bias 2^E − 1, so 1.0 is the code
+// (2^E − 1)·2^M), M mantissa bits and subnormals, rounded to nearest even — computed on the fp32 bit pattern
+// of x with integer adds and shifts (no table, no division, no square root); V is its exact inverse.
+// m's code spans 2^−14…1 (+ subnormals to 2^−17) with 3 mantissa bits; √v's spans 2^−30…1 (to 2^−33), so
+// v is 0 only when it is below 2^−66 of its block's largest: Adam's denominator is never lost to rounding.
+// The maxima are taken on the bit patterns of |x| (integer max: exact and order-independent; a NaN in a
+// block makes its scale NaN, so the block decodes to NaN, as fp32 state would stay NaN).
 //
-// Every formula below is a fixed sequence of IEEE-rounded fp32 operations, so any implementation that
-// performs the same sequence (no FMA contraction) produces the same codes and scales bit for bit.
+// Every formula is integer arithmetic on bit patterns or IEEE-rounded fp32 multiplications, so every
+// implementation produces the same codes and scales bit for bit.
 #pragma once
 
 #include <cstdint>
@@ -28,26 +29,11 @@ namespace state8 {
 
 constexpr int kBlock = 128;            // elements per scale
 constexpr int64_t kMinNumel = 4096;    // smaller tensors keep full-precision state (bitsandbytes' min_8bit_size)
-constexpr float kMaxCodeM = 127.0f;    // exp_avg codes lie in [−127, 127] (−128 is never written)
-constexpr float kMaxCodeV = 255.0f;    // exp_avg_sq codes lie in [0, 255]
-constexpr float kRoundMagic = 8388608.0f;  // 2^23: (t + 2^23) − 2^23 rounds 0 ≤ t < 2^23 to nearest even
-constexpr float kDecodeM = 1.0f / 16129.0f;  // K_m = fp32(1/127²)
-constexpr float kDecodeV = 1.0f / 65025.0f;  // K_v = fp32(1/255²)
+constexpr int kMantissaBits = 3;       // both codes
+constexpr int kExpBitsM = 4;           // exp_avg:    bias 15, codes 0…120 in use (121…127 encode x > 1)
+constexpr int kExpBitsV = 5;           // exp_avg_sq: bias 31, codes 0…248 in use
 constexpr float kMinScale = 1.17549435e-38f;  // 2^−126: 1/s is finite for every normal s
-
-// Product that is never contracted into an FMA with a following add (nvcc contracts a·b + c by default;
-// the host builds use -ffp-contract=off). The CPU SIMD type takes the generic form.
-FD_HD float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-template <typename V>
-FD_HD V mul_rn(V a, float b) {
-  return a * b;
-}
+constexpr float kRoundMagic = 8388608.0f;     // 2^23: (t + 2^23) − 2^23 rounds 0 ≤ t < 2^23 to nearest even
 
 // Per-block encode factor r (scalar, once per block).
 FD_HD float encode_factor(float s) { return s >= kMinScale ? 1.0f / s : 0.0f; }  // NaN, 0, subnormal → 0
@@ -55,34 +41,87 @@ FD_HD float encode_factor(float s) { return s >= kMinScale ? 1.0f / s : 0.0f; } 
 // |x| as bits: the integer order of these is the float order of |x|, with NaNs above +inf.
 FD_HD uint32_t abs_bits(float x) { return float_to_bits(x) & 0x7fffffffu; }
 
-// Scalar helpers of the element formulas; the CPU SIMD type provides the same names lane by lane.
-FD_HD float fd_min_code(float t, float hi) { return t < hi ? t : hi; }  // NaN → hi
-FD_HD float fd_round_even(float t) { return (t + kRoundMagic) - kRoundMagic; }
-FD_HD float fd_neg_if_negative(float m, float c) { return m < 0.0f ? -c : c; }
-
-// Element formulas. V is float (CUDA, scalar CPU) or the CPU's 16-lane SIMD type; codes travel as
-// integer-valued V. s = the block's scale, r = its encode factor.
-template <typename V>
-FD_HD V decode_exp_avg(V c, float s) {
-  return ((c * fd_abs(c)) * kDecodeM) * s;  // c·|c| is exact (≤ 127²)
+// 2^k as a float (exact), for |k| < 127.
+constexpr float exp2i(int k) {
+  float r = 1.0f;
+  for (; k > 0; --k) r *= 2.0f;
+  for (; k < 0; ++k) r *= 0.5f;
+  return r;
 }
 
+// Constants of the F8 format with E exponent bits (M = kMantissaBits).
+template <int E>
+struct F8Format {
+  static constexpr int kBias = (1 << E) - 1;
+  static constexpr int kMaxCode = (1 << (E + kMantissaBits)) - 1;
+  static constexpr int kShift = 23 - kMantissaBits;                  // fp32 mantissa bits dropped
+  static constexpr int32_t kExpOffset = (127 - kBias) << kMantissaBits;  // fp32 exponent bias − F8's, in code units
+  static constexpr int32_t kHalf = (1 << (kShift - 1)) - 1;          // round-half-even bias, less the lsb
+  static constexpr int kSubExp = kBias - 1 + kMantissaBits;          // subnormal codes: rne(x·2^kSubExp)
+  static constexpr float kMinNormal = exp2i(1 - kBias);
+  static constexpr float kSubScale = exp2i(kSubExp);
+  static constexpr float kSubStep = exp2i(-kSubExp);
+};
+
+// Scalar building blocks; the CPU SIMD types provide the same names lane by lane. Codes travel as int32,
+// bit patterns as uint32.
+FD_HD uint32_t fd_bits(float x) { return float_to_bits(x); }
+FD_HD int32_t fd_u2i(uint32_t u) { return static_cast<int32_t>(u); }
+FD_HD float fd_from_bits(int32_t b) { return bits_to_float(static_cast<uint32_t>(b)); }
+FD_HD int32_t fd_round_to_int(float t) {  // 0 ≤ t < 2^23, nearest even
+  return static_cast<int32_t>((t + kRoundMagic) - kRoundMagic);
+}
+FD_HD float fd_to_float(int32_t c) { return static_cast<float>(c); }
+FD_HD int32_t fd_select(bool c, int32_t a, int32_t b) { return c ? a : b; }
+FD_HD float fd_select(bool c, float a, float b) { return c ? a : b; }
+FD_HD int32_t fd_min(int32_t a, int32_t b) { return a < b ? a : b; }
+FD_HD int32_t fd_abs_code(int32_t c) { return c < 0 ? -c : c; }
+
+// F8(x) for x ≥ 0 (x = |moment|·r ≤ 1 up to rounding; NaN → kMaxCode whatever its sign bit, so every
+// platform writes the same code). V is float or the SIMD float type.
+template <int E, typename V>
+FD_HD auto f8_encode(V x) {
+  using F = F8Format<E>;
+  const auto u = fd_bits(x) & 0x7fffffffu;
+  const auto normal = fd_u2i((u + static_cast<uint32_t>(F::kHalf) + ((u >> F::kShift) & 1u)) >> F::kShift) -
+                      F::kExpOffset;
+  const auto tiny = x < F::kMinNormal;  // false for NaN
+  const auto subnormal = fd_round_to_int(fd_select(tiny, x, V{}) * F::kSubScale);
+  return fd_min(fd_select(tiny, subnormal, normal), F::kMaxCode);
+}
+
+// V(c) for 0 ≤ c ≤ kMaxCode: the exact value of the code.
+template <int E, typename I>
+FD_HD auto f8_decode(I c) {
+  using F = F8Format<E>;
+  const auto normal = fd_from_bits((c + F::kExpOffset) << F::kShift);
+  const auto subnormal = fd_to_float(c) * F::kSubStep;  // exact
+  return fd_select(c < (1 << kMantissaBits), subnormal, normal);
+}
+
+// The moments. s = the block's scale, r = its encode factor.
 template <typename V>
-FD_HD V decode_exp_avg_sq(V c, float s) {
-  const V w = ((c * c) * kDecodeV) * s;  // √v; c·c is exact (≤ 255²)
+FD_HD auto encode_exp_avg(V m, float r) {  // int8 code as int32: sign(m)·F8(|m|·r)
+  const auto q = f8_encode<kExpBitsM>(fd_abs(m) * r);
+  return fd_select(m < 0.0f, -q, q);
+}
+
+template <typename I>
+FD_HD auto decode_exp_avg(I c, float s) {
+  const auto a = f8_decode<kExpBitsM>(fd_abs_code(c)) * s;
+  return fd_select(c < 0, -a, a);
+}
+
+// w = √v of the updated v (the value the update divided by).
+template <typename V>
+FD_HD auto encode_exp_avg_sq(V w, float r) {
+  return f8_encode<kExpBitsV>(w * r);
+}
+
+template <typename I>
+FD_HD auto decode_exp_avg_sq(I c, float s) {
+  const auto w = f8_decode<kExpBitsV>(c) * s;  // √v
   return w * w;
-}
-
-template <typename V>
-FD_HD V encode_exp_avg(V m, float r) {
-  const V t = fd_min_code(mul_rn(fd_sqrt(fd_abs(m) * r), kMaxCodeM), kMaxCodeM);
-  return fd_neg_if_negative(m, fd_round_even(t));
-}
-
-// w = √v of the updated v.
-template <typename V>
-FD_HD V encode_exp_avg_sq(V w, float r) {
-  return fd_round_even(fd_min_code(mul_rn(fd_sqrt(w * r), kMaxCodeV), kMaxCodeV));
 }
 
 }  // namespace state8

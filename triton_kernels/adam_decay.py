@@ -16,7 +16,7 @@ tensors (one device, one param dtype) in two launches:
 8-bit state (docs/state8.md, ``exp_avg_scales`` given): the moments are int8/uint8 codes with one float32
 scale per 128 elements. The same kernel (constexpr ``QUANT``) sees its block as rows of 128 elements,
 decodes, runs the same element math, takes each row's maxima and encodes — csrc/state8.h's formulas in
-tl ops (IEEE division and square root).
+tl ops (integer ops on bit patterns, IEEE-rounded products).
 
 The metadata buffer is built on the host once per distinct set of tensors and cached, keyed on
 data pointers, sizes and dtypes: steady-state steps copy nothing host→device. On a miss it is uploaded
@@ -55,9 +55,20 @@ _ROWS = ("param", "grad", "exp_avg", "exp_avg_sq", "step", "delta_mu", "numel", 
 QBLOCK = 128  # elements per scale of 8-bit state (csrc/state8.h kBlock)
 _QBLOCK = tl.constexpr(QBLOCK)
 _ROUND_MAGIC = tl.constexpr(8388608.0)  # 2^23: (t + 2^23) − 2^23 rounds 0 ≤ t < 2^23 to nearest even
-_DECODE_M = tl.constexpr(6.200012285262346e-05)  # fp32(1/127²), exactly (checked by tests/test_state8.py)
-_DECODE_V = tl.constexpr(1.537870048196055e-05)  # fp32(1/255²), exactly
-_MIN_SCALE = tl.constexpr(1.1754943508222875e-38)  # 2^−126
+_MIN_SCALE = tl.constexpr(2.0 ** -126)
+
+
+def _f8_constants(exp_bits: int, mantissa_bits: int = 3):
+    """(exponent rebase in code units, smallest normal, subnormal scale 2^(bias−1+M), its inverse, largest code)
+    of the F8 format with ``exp_bits`` exponent bits (csrc/state8.h F8Format)."""
+    bias = 2 ** exp_bits - 1
+    sub_exp = bias - 1 + mantissa_bits
+    return tuple(tl.constexpr(c) for c in ((127 - bias) << mantissa_bits, 2.0 ** (1 - bias), 2.0 ** sub_exp,
+                                           2.0 ** -sub_exp, 2 ** (exp_bits + mantissa_bits) - 1))
+
+
+_M_OFFSET, _M_MIN_NORMAL, _M_SUB_SCALE, _M_SUB_STEP, _M_MAX_CODE = _f8_constants(4)  # exp_avg: sign + e4m3
+_V_OFFSET, _V_MIN_NORMAL, _V_SUB_SCALE, _V_SUB_STEP, _V_MAX_CODE = _f8_constants(5)  # exp_avg_sq (√v): e5m3
 
 
 # ------------------------------------------------------------------------------------------------
@@ -104,10 +115,22 @@ def _encode_factor(s):
 
 
 @triton.jit
-def _round_code(t, MAX_CODE: tl.constexpr):
-    """rne(min(t, MAX_CODE)) for t ≥ 0 (NaN → MAX_CODE)."""
-    t = tl.where(t < MAX_CODE, t, MAX_CODE)
-    return (t + _ROUND_MAGIC) - _ROUND_MAGIC
+def _f8_encode(x, OFFSET: tl.constexpr, MIN_NORMAL: tl.constexpr, SUB_SCALE: tl.constexpr,
+               MAX_CODE: tl.constexpr):
+    """F8(x) of x ≥ 0 as int32 codes (3 mantissa bits): the fp32 bit pattern rounded to nearest even and
+    rebased, or a subnormal code below MIN_NORMAL; NaN → MAX_CODE (csrc/state8.h f8_encode)."""
+    u = x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
+    normal = ((u + 0x7FFFF + ((u >> 20) & 1)) >> 20).to(tl.int32) - OFFSET
+    tiny = x < MIN_NORMAL
+    subnormal = ((tl.where(tiny, x, 0.0) * SUB_SCALE + _ROUND_MAGIC) - _ROUND_MAGIC).to(tl.int32)
+    return tl.minimum(tl.where(tiny, subnormal, normal), MAX_CODE)
+
+
+@triton.jit
+def _f8_decode(c, OFFSET: tl.constexpr, SUB_STEP: tl.constexpr):
+    """V(c): the exact float32 value of int32 F8 codes (csrc/state8.h f8_decode)."""
+    normal = ((c + OFFSET) << 20).to(tl.float32, bitcast=True)
+    return tl.where(c < 8, c.to(tl.float32) * SUB_STEP, normal)
 
 
 @triton.jit
@@ -127,20 +150,25 @@ def _adam_decay_block(p_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, offs, rows, n,
         mask = offs < n
         theta = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)   # θ_{t−1}
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + offs, mask=mask, other=0).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=mask, other=0).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=mask, other=0)
+        v = tl.load(v_ptr + offs, mask=mask, other=0)
     else:
         theta = tl.load(p_ptr + offs).to(tl.float32)
         g = tl.load(g_ptr + offs).to(tl.float32)
-        m = tl.load(m_ptr + offs).to(tl.float32)
-        v = tl.load(v_ptr + offs).to(tl.float32)
-    if QUANT:  # codes → moments: m = (c·|c|·K_m)·s_m, √v = (c²·K_v)·s_w, v = (√v)²
+        m = tl.load(m_ptr + offs)
+        v = tl.load(v_ptr + offs)
+    if QUANT:  # codes → moments: m = sign(c)·V(|c|)·s_m, √v = V(c)·s_w, v = (√v)²
         row_mask = rows * _QBLOCK < n
         s_m = tl.load(ms_ptr + rows, mask=row_mask, other=0.0)
         s_w = tl.load(vs_ptr + rows, mask=row_mask, other=0.0)
-        m = ((m * tl.abs(m)) * _DECODE_M) * s_m[:, None]
-        w = ((v * v) * _DECODE_V) * s_w[:, None]
+        c_m = m.to(tl.int32)
+        a = _f8_decode(tl.abs(c_m), _M_OFFSET, _M_SUB_STEP) * s_m[:, None]
+        m = tl.where(c_m < 0, -a, a)
+        w = _f8_decode(v.to(tl.int32), _V_OFFSET, _V_SUB_STEP) * s_w[:, None]
         v = w * w
+    else:
+        m = m.to(tl.float32)
+        v = v.to(tl.float32)
     if SCALE_GRAD:
         g = g * grad_mul                                     # ±1/grad_scale (GradScaler, maximize)
     m = beta1 * m + one_minus_beta1 * g                      # m_t
@@ -162,9 +190,9 @@ def _adam_decay_block(p_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, offs, rows, n,
             w = tl.where(mask, w, 0.0)
         s_m = _row_max_abs(m)
         s_w = _row_max_abs(w)
-        c_m = _round_code(tl.sqrt_rn(tl.abs(m) * _encode_factor(s_m)[:, None]) * 127.0, 127.0)
-        m = tl.where(m < 0.0, -c_m, c_m)
-        v = _round_code(tl.sqrt_rn(w * _encode_factor(s_w)[:, None]) * 255.0, 255.0)
+        q = _f8_encode(tl.abs(m) * _encode_factor(s_m)[:, None], _M_OFFSET, _M_MIN_NORMAL, _M_SUB_SCALE, _M_MAX_CODE)
+        m = tl.where(m < 0.0, -q, q)
+        v = _f8_encode(w * _encode_factor(s_w)[:, None], _V_OFFSET, _V_MIN_NORMAL, _V_SUB_SCALE, _V_MAX_CODE)
         if MASKED:
             tl.store(ms_ptr + rows, s_m, mask=row_mask)
             tl.store(vs_ptr + rows, s_w, mask=row_mask)

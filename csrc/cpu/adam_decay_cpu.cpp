@@ -108,16 +108,37 @@ FD_ALWAYS_INLINE F16 fd_clip(F16 x, float d) {
   return F16{x.v < lo ? lo : upper};
 }
 FD_ALWAYS_INLINE f32x16 abs16(f32x16 x) { return (f32x16)((u32x16)x & 0x7fffffffu); }
-// Lane-wise forms of the state8.h scalar helpers (same comparisons, same IEEE operations).
+// 16 int32 lanes (8-bit codes, comparison masks of 0 / −1) and 16 uint32 lanes (fp32 bit patterns), with
+// the lane-wise forms of the state8.h building blocks (same integer and IEEE operations as the scalar ones).
+struct I16 {
+  i32x16 v;
+};
+struct U16 {
+  u32x16 v;
+};
 FD_ALWAYS_INLINE F16 fd_abs(F16 x) { return F16{abs16(x.v)}; }
-FD_ALWAYS_INLINE F16 fd_min_code(F16 t, float hi) {
-  const f32x16 h = f32x16{} + hi;
-  return F16{t.v < h ? t.v : h};
+FD_ALWAYS_INLINE F16 operator-(F16 a) { return F16{-a.v}; }
+FD_ALWAYS_INLINE I16 operator<(F16 a, float b) { return I16{a.v < b}; }
+FD_ALWAYS_INLINE I16 operator<(I16 a, int32_t b) { return I16{a.v < b}; }
+FD_ALWAYS_INLINE I16 operator-(I16 a) { return I16{-a.v}; }
+FD_ALWAYS_INLINE I16 operator+(I16 a, int32_t b) { return I16{a.v + b}; }
+FD_ALWAYS_INLINE I16 operator-(I16 a, int32_t b) { return I16{a.v - b}; }
+FD_ALWAYS_INLINE I16 operator<<(I16 a, int b) { return I16{a.v << b}; }
+FD_ALWAYS_INLINE U16 operator&(U16 a, uint32_t b) { return U16{a.v & b}; }
+FD_ALWAYS_INLINE U16 operator+(U16 a, uint32_t b) { return U16{a.v + b}; }
+FD_ALWAYS_INLINE U16 operator+(U16 a, U16 b) { return U16{a.v + b.v}; }
+FD_ALWAYS_INLINE U16 operator>>(U16 a, int b) { return U16{a.v >> b}; }
+FD_ALWAYS_INLINE U16 fd_bits(F16 x) { return U16{(u32x16)x.v}; }
+FD_ALWAYS_INLINE I16 fd_u2i(U16 u) { return I16{(i32x16)u.v}; }
+FD_ALWAYS_INLINE F16 fd_from_bits(I16 b) { return F16{(f32x16)b.v}; }
+FD_ALWAYS_INLINE I16 fd_round_to_int(F16 t) {
+  return I16{__builtin_convertvector((t.v + state8::kRoundMagic) - state8::kRoundMagic, i32x16)};
 }
-FD_ALWAYS_INLINE F16 fd_round_even(F16 t) {
-  return F16{(t.v + state8::kRoundMagic) - state8::kRoundMagic};
-}
-FD_ALWAYS_INLINE F16 fd_neg_if_negative(F16 m, F16 c) { return F16{m.v < 0.0f ? -c.v : c.v}; }
+FD_ALWAYS_INLINE F16 fd_to_float(I16 c) { return F16{__builtin_convertvector(c.v, f32x16)}; }
+FD_ALWAYS_INLINE I16 fd_select(I16 mask, I16 a, I16 b) { return I16{mask.v ? a.v : b.v}; }
+FD_ALWAYS_INLINE F16 fd_select(I16 mask, F16 a, F16 b) { return F16{mask.v ? a.v : b.v}; }
+FD_ALWAYS_INLINE I16 fd_min(I16 a, int32_t b) { return I16{a.v < b ? a.v : i32x16{} + b}; }
+FD_ALWAYS_INLINE I16 fd_abs_code(I16 c) { return I16{c.v < 0 ? -c.v : c.v}; }
 // max over lanes of |x| as bits (state8::abs_bits), folded into a running lane-wise maximum.
 FD_ALWAYS_INLINE u32x16 max_abs_bits(u32x16 acc, F16 x) {
   const u32x16 b = (u32x16)x.v & 0x7fffffffu;
@@ -133,19 +154,19 @@ using ::fusedecay::fd_abs;
 using ::fusedecay::fd_sqrt;
 typedef int8_t i8x16 __attribute__((vector_size(16)));
 typedef uint8_t u8x16 __attribute__((vector_size(16)));
-// 16 codes (integer-valued floats in range) to and from bytes.
+// 16 codes to and from bytes.
 template <typename B>
-FD_ALWAYS_INLINE F16 load_codes(const B* p) {
-  i32x16 w;
-  for (int k = 0; k < kVecLanes; ++k) w[k] = p[k];  // vpmovsxbd / vpmovzxbd
-  return F16{__builtin_convertvector(w, f32x16)};
+FD_ALWAYS_INLINE I16 load_codes(const B* p) {
+  I16 w;
+  for (int k = 0; k < kVecLanes; ++k) w.v[k] = p[k];  // vpmovsxbd / vpmovzxbd
+  return w;
 }
-FD_ALWAYS_INLINE void store_codes(int8_t* p, F16 c) {
-  const i8x16 b = __builtin_convertvector(__builtin_convertvector(c.v, i32x16), i8x16);
+FD_ALWAYS_INLINE void store_codes(int8_t* p, I16 c) {
+  const i8x16 b = __builtin_convertvector(c.v, i8x16);
   std::memcpy(p, &b, sizeof b);
 }
-FD_ALWAYS_INLINE void store_codes(uint8_t* p, F16 c) {
-  const u8x16 b = __builtin_convertvector(__builtin_convertvector(c.v, i32x16), u8x16);
+FD_ALWAYS_INLINE void store_codes(uint8_t* p, I16 c) {
+  const u8x16 b = __builtin_convertvector(c.v, u8x16);
   std::memcpy(p, &b, sizeof b);
 }
 
@@ -259,12 +280,8 @@ struct Q8Codec {
     sm = m_scale[i / state8::kBlock];
     sv = v_scale[i / state8::kBlock];
   }
-  FD_ALWAYS_INLINE float load_m1(int64_t i) const {
-    return state8::decode_exp_avg<float>(static_cast<float>(m[i]), sm);
-  }
-  FD_ALWAYS_INLINE float load_v1(int64_t i) const {
-    return state8::decode_exp_avg_sq<float>(static_cast<float>(v[i]), sv);
-  }
+  FD_ALWAYS_INLINE float load_m1(int64_t i) const { return state8::decode_exp_avg<int32_t>(m[i], sm); }
+  FD_ALWAYS_INLINE float load_v1(int64_t i) const { return state8::decode_exp_avg_sq<int32_t>(v[i], sv); }
   FD_ALWAYS_INLINE void keep1(int slot, int64_t, float mm, float vv) {
     km1[slot] = mm;
     kw1[slot] = fd_sqrt(vv);
@@ -290,8 +307,8 @@ struct Q8Codec {
   }
 #if defined(FD_CPU_SIMD)
   F16 km[kGroup], kw[kGroup];  // vector path: the block's updated m and √v
-  FD_ALWAYS_INLINE F16 load_m(int64_t i) const { return state8::decode_exp_avg<F16>(load_codes(m + i), sm); }
-  FD_ALWAYS_INLINE F16 load_v(int64_t i) const { return state8::decode_exp_avg_sq<F16>(load_codes(v + i), sv); }
+  FD_ALWAYS_INLINE F16 load_m(int64_t i) const { return state8::decode_exp_avg<I16>(load_codes(m + i), sm); }
+  FD_ALWAYS_INLINE F16 load_v(int64_t i) const { return state8::decode_exp_avg_sq<I16>(load_codes(v + i), sv); }
   FD_ALWAYS_INLINE void keep(int k, int64_t, F16 mm, F16 vv) {
     km[k] = mm;
     kw[k] = fd_sqrt(vv);  // the same √v the element function divided by
