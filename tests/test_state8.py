@@ -293,6 +293,36 @@ def test_kernel_matches_reference_every_step(decay, corrected):
     assert flips <= max(2, total // 10000), f"{flips} of {total} codes differ"
 
 
+def tie_case(device="cpu"):
+    """A one-step problem whose moments land exactly on F8 rounding midpoints: β1 = β2 = 0 makes m = g and
+    √v = |g| exactly, and a block maximum of 2 makes |g|/2 exact. Returns (state, grads, hyper, expected
+    (exp_avg codes, exp_avg_sq codes)) — the expected ones from the float64 nearest-value truth."""
+    mids = []
+    for eb in (S.EXP_BITS_M, S.EXP_BITS_V):
+        used = f8_values(eb)[f8_values(eb) <= 1.0]
+        mids.append((used[1:] + used[:-1]) / 2)
+    x = torch.cat(mids)
+    x = torch.cat([x, x.new_zeros(-len(x) % 127)]).reshape(-1, 127)
+    x = torch.cat([torch.ones(len(x), 1, dtype=x.dtype), x], dim=1)      # every block's maximum: x = 1
+    g = (torch.cat([x, -x]) * 2).to(F32)
+    assert torch.equal(g.double(), torch.cat([x, -x]) * 2)               # midpoints are exact in float32
+    st = q8_state([tuple(g.shape)], warm=False)
+    kw = hyper("l2", beta1=0.0, beta2=0.0, weight_decay=0.0)
+    code_m = nearest_code(g.abs().reshape(-1) / 2, S.EXP_BITS_M).reshape(g.shape)
+    want_m = torch.where(g < 0, -code_m, code_m).to(torch.int8)
+    want_v = nearest_code(g.abs().reshape(-1) / 2, S.EXP_BITS_V).reshape(g.shape).to(torch.uint8)
+    to = lambda xs: [t.to(device) for t in xs]  # noqa: E731
+    return {k: to(v) for k, v in st.items()}, [g.to(device)], kw, (want_m, want_v)
+
+
+@needs_cpp
+@pytest.mark.parametrize("impl", ["reference", "cpu"])
+def test_ties_round_to_even_codes(impl):
+    st, grads, kw, (want_m, want_v) = tie_case()
+    step_q8(adam_decay_reference if impl == "reference" else kernel(128), st, grads, **kw)
+    assert torch.equal(st["exp_avgs"][0], want_m) and torch.equal(st["exp_avg_sqs"][0], want_v)
+
+
 @needs_cpp
 def test_thread_count_and_rerun_do_not_change_bits():
     shapes = [(1024, 768), (300, 128)]

@@ -545,6 +545,13 @@ def test_state8_matches_reference_and_cpu_kernel():
                     assert_close(x, y, dtype=torch.float32, msg=f"{name}: {key}")
 
 
+def test_state8_ties_round_to_even_codes():
+    from test_state8 import step_q8, tie_case
+    st, grads, kw, (want_m, want_v) = tie_case(DEVICE)
+    step_q8(_triton8, st, grads, **kw)
+    assert torch.equal(st["exp_avgs"][0].cpu(), want_m) and torch.equal(st["exp_avg_sqs"][0].cpu(), want_v)
+
+
 def test_state8_errors_name_the_argument():
     from test_state8 import q8_state
     st = _q8_on_device(q8_state([(1, 128)]))
