@@ -149,19 +149,21 @@ class _AdamDecayBase(Optimizer):
         saved = {k: {n: v for n, v in s.items() if isinstance(v, Tensor)} for k, s in state_dict["state"].items()}
         state_bits = [g.get("state_bits", 32) for g in self.param_groups]
         super().load_state_dict(state_dict)
+        # Saved keys → params as torch maps them: position in the saved groups' "params" lists (ints from
+        # state_dict(), FQNs from torch.distributed.checkpoint's set_optimizer_state_dict).
+        params = {k: (p, g) for sg, g in zip(state_dict["param_groups"], self.param_groups)
+                  for k, p in zip(sg["params"], g["params"])}
         for g, bits in zip(self.param_groups, state_bits):
             g["state_bits"] = bits
-        owner = {id(p): g for g in self.param_groups for p in g["params"]}
-        params = [p for g in self.param_groups for p in g["params"]]
         for key, tensors in saved.items():
-            if not isinstance(key, int) or key >= len(params):
+            if key not in params:
                 continue
-            p = params[key]
+            p, group = params[key]
             st = self.state[p]
             for name, v in tensors.items():
                 if name in st:
                     st[name] = v.to(device=p.device)
-            SF.convert_moments(owner[id(p)], p, st)
+            SF.convert_moments(group, p, st)
 
 
 class AdamHD(_AdamDecayBase):
