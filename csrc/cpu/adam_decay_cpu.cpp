@@ -101,14 +101,11 @@ FD_ALWAYS_INLINE F16 fd_sqrt(F16 a) {
   for (int k = 0; k < kVecLanes; ++k) r.v[k] = __builtin_sqrtf(a.v[k]);  // one vsqrtps per register
   return r;
 }
-// Comparisons and selects are written as lane loops, not as vector ?: or < on the 64-byte type: GCC 12
-// lowers those to scalar code in clones without 512-bit registers (AVX2, baseline), while it vectorises a
-// lane loop in every clone (compare + blend, or mask registers on AVX-512).
 // The scalar fd_clip lane by lane: x < −d → −d, else x > d → d, else x (NaN stays NaN).
 FD_ALWAYS_INLINE F16 fd_clip(F16 x, float d) {
-  F16 r;
-  for (int k = 0; k < kVecLanes; ++k) r.v[k] = x.v[k] < -d ? -d : (x.v[k] > d ? d : x.v[k]);
-  return r;
+  const f32x16 lo = f32x16{} - d, hi = f32x16{} + d;
+  const f32x16 upper = x.v > hi ? hi : x.v;
+  return F16{x.v < lo ? lo : upper};
 }
 FD_ALWAYS_INLINE f32x16 abs16(f32x16 x) { return (f32x16)((u32x16)x & 0x7fffffffu); }
 // 16 int32 lanes (8-bit codes, comparison masks of 0 / −1) and 16 uint32 lanes (fp32 bit patterns), with
@@ -121,16 +118,8 @@ struct U16 {
 };
 FD_ALWAYS_INLINE F16 fd_abs(F16 x) { return F16{abs16(x.v)}; }
 FD_ALWAYS_INLINE F16 operator-(F16 a) { return F16{-a.v}; }
-FD_ALWAYS_INLINE I16 operator<(F16 a, float b) {
-  I16 r;
-  for (int k = 0; k < kVecLanes; ++k) r.v[k] = a.v[k] < b ? -1 : 0;
-  return r;
-}
-FD_ALWAYS_INLINE I16 operator<(I16 a, int32_t b) {
-  I16 r;
-  for (int k = 0; k < kVecLanes; ++k) r.v[k] = a.v[k] < b ? -1 : 0;
-  return r;
-}
+FD_ALWAYS_INLINE I16 operator<(F16 a, float b) { return I16{a.v < b}; }
+FD_ALWAYS_INLINE I16 operator<(I16 a, int32_t b) { return I16{a.v < b}; }
 FD_ALWAYS_INLINE I16 operator-(I16 a) { return I16{-a.v}; }
 FD_ALWAYS_INLINE I16 operator+(I16 a, int32_t b) { return I16{a.v + b}; }
 FD_ALWAYS_INLINE I16 operator-(I16 a, int32_t b) { return I16{a.v - b}; }
@@ -146,32 +135,14 @@ FD_ALWAYS_INLINE I16 fd_round_to_int(F16 t) {
   return I16{__builtin_convertvector((t.v + state8::kRoundMagic) - state8::kRoundMagic, i32x16)};
 }
 FD_ALWAYS_INLINE F16 fd_to_float(I16 c) { return F16{__builtin_convertvector(c.v, f32x16)}; }
-FD_ALWAYS_INLINE I16 fd_select(I16 mask, I16 a, I16 b) {
-  I16 r;
-  for (int k = 0; k < kVecLanes; ++k) r.v[k] = mask.v[k] ? a.v[k] : b.v[k];
-  return r;
-}
-FD_ALWAYS_INLINE F16 fd_select(I16 mask, F16 a, F16 b) {
-  F16 r;
-  for (int k = 0; k < kVecLanes; ++k) r.v[k] = mask.v[k] ? a.v[k] : b.v[k];
-  return r;
-}
-FD_ALWAYS_INLINE I16 fd_min(I16 a, int32_t b) {
-  I16 r;
-  for (int k = 0; k < kVecLanes; ++k) r.v[k] = a.v[k] < b ? a.v[k] : b;
-  return r;
-}
-FD_ALWAYS_INLINE I16 fd_abs_code(I16 c) {
-  I16 r;
-  for (int k = 0; k < kVecLanes; ++k) r.v[k] = c.v[k] < 0 ? -c.v[k] : c.v[k];
-  return r;
-}
+FD_ALWAYS_INLINE I16 fd_select(I16 mask, I16 a, I16 b) { return I16{mask.v ? a.v : b.v}; }
+FD_ALWAYS_INLINE F16 fd_select(I16 mask, F16 a, F16 b) { return F16{mask.v ? a.v : b.v}; }
+FD_ALWAYS_INLINE I16 fd_min(I16 a, int32_t b) { return I16{a.v < b ? a.v : i32x16{} + b}; }
+FD_ALWAYS_INLINE I16 fd_abs_code(I16 c) { return I16{c.v < 0 ? -c.v : c.v}; }
 // max over lanes of |x| as bits (state8::abs_bits), folded into a running lane-wise maximum.
 FD_ALWAYS_INLINE u32x16 max_abs_bits(u32x16 acc, F16 x) {
   const u32x16 b = (u32x16)x.v & 0x7fffffffu;
-  u32x16 r;
-  for (int k = 0; k < kVecLanes; ++k) r[k] = b[k] > acc[k] ? b[k] : acc[k];
-  return r;
+  return b > acc ? b : acc;
 }
 FD_ALWAYS_INLINE uint32_t hmax(u32x16 x) {
   uint32_t r = 0;
@@ -228,8 +199,7 @@ struct VecIo<BF16> {
   static FD_ALWAYS_INLINE f32x16 store(uint16_t* p, F16 x) {
     const u32x16 u = (u32x16)x.v;
     const u32x16 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    u32x16 bits;
-    for (int k = 0; k < kVecLanes; ++k) bits[k] = (u[k] & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded[k];
+    const u32x16 bits = (u & 0x7fffffffu) > 0x7f800000u ? u32x16{} + 0x7fc0u : rounded;
     const u16x16 h = __builtin_convertvector(bits, u16x16);
     std::memcpy(p, &h, sizeof h);
     return (f32x16)(bits << 16);
