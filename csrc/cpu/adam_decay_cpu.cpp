@@ -101,11 +101,17 @@ FD_ALWAYS_INLINE F16 fd_sqrt(F16 a) {
   for (int k = 0; k < kVecLanes; ++k) r.v[k] = __builtin_sqrtf(a.v[k]);  // one vsqrtps per register
   return r;
 }
-// The scalar fd_clip lane by lane: x < −d → −d, else x > d → d, else x (NaN stays NaN).
+// clip(x, −d, d) for d ≥ 0 as sign(x)·min(|x|, d), the minimum taken on the bit patterns (non-negative floats
+// order like their bits): an integer min, which GCC lowers to vpminud in every clone, where a float compare and
+// select on the 64-byte type is scalarised in the clones without 512-bit registers. Equal to the scalar fd_clip
+// for every non-NaN x (and d NaN or +inf leave x as it is, as there); for a NaN x it gives ±d where fd_clip keeps
+// the NaN, which the callers subtract from an expression already holding that NaN, so θ_t is the same NaN.
 FD_ALWAYS_INLINE F16 fd_clip(F16 x, float d) {
-  const f32x16 lo = f32x16{} - d, hi = f32x16{} + d;
-  const f32x16 upper = x.v > hi ? hi : x.v;
-  return F16{x.v < lo ? lo : upper};
+  const u32x16 xb = (u32x16)x.v;
+  const u32x16 mag = xb & 0x7fffffffu;
+  const u32x16 db = u32x16{} + float_to_bits(d);
+  const u32x16 lim = mag < db ? mag : db;
+  return F16{(f32x16)(lim | (xb & 0x80000000u))};
 }
 FD_ALWAYS_INLINE f32x16 abs16(f32x16 x) { return (f32x16)((u32x16)x & 0x7fffffffu); }
 // 16 int32 lanes (8-bit codes, comparison masks of 0 / −1) and 16 uint32 lanes (fp32 bit patterns), with

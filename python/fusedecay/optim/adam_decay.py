@@ -21,6 +21,8 @@ from .. import distributed as _dist
 from ..functional import DELTA_MODES, UPDATES, adam_decay, init_delta_mu
 from . import _state_format as SF
 
+_STRIDED = torch.strided
+
 
 class _AdamDecayBase(Optimizer):
     """Shared machinery; subclasses set ``_decay_of(group)``."""
@@ -83,18 +85,21 @@ class _AdamDecayBase(Optimizer):
         full-precision moments) when the group has ``state_bits=8``."""
         tracks = self._tracks_delta(group)
         state8 = group.get("state_bits", 32) == 8
-        for p in group["params"]:
-            if p.grad is None:
+        states = self.state
+        for p in group["params"]:  # per param per step: kept lean (thousands of small tensors are common)
+            g = p.grad
+            if g is None:
                 continue
-            V.grad_ok(p)
-            state = self.state[p]
-            if len(state) == 0:
+            if g.layout is not _STRIDED or g.dtype not in V.REAL_FLOAT_DTYPES or p.dtype not in V.REAL_FLOAT_DTYPES:
+                V.grad_ok(p)  # raises the error that names the problem
+            state = states[p]
+            if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state.update(SF.new_moments(group, p))
             if tracks and "delta_mu" not in state:
                 state["delta_mu"] = self._initial_delta_mu(p)
             params.append(p)
-            grads.append(p.grad)
+            grads.append(g)
             if state8 and "exp_avg_codes" in state:
                 exp_avgs.append(state["exp_avg_codes"])
                 exp_avg_sqs.append(state["exp_avg_sq_codes"])
