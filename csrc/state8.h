@@ -28,7 +28,6 @@ namespace fusedecay {
 namespace state8 {
 
 constexpr int kBlock = 128;            // elements per scale
-constexpr int64_t kMinNumel = 4096;    // smaller tensors keep full-precision state (bitsandbytes' min_8bit_size)
 constexpr int kMantissaBits = 3;       // both codes
 constexpr int kExpBitsM = 4;           // exp_avg:    bias 15, codes 0…120 in use (121…127 encode x > 1)
 constexpr int kExpBitsV = 5;           // exp_avg_sq: bias 31, codes 0…248 in use

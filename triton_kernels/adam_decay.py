@@ -39,6 +39,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._device import on_device
+from .state8 import (QBLOCK, QBLOCK_C, decode_exp_avg, decode_exp_avg_sq, encode_exp_avg, encode_exp_avg_sq,
+                     row_max_abs)
 
 DECAY_IDS = {"l2": 0, "prox": 1, "euler": 2}
 
@@ -52,24 +54,6 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 # Rows of the pointer table, in order (scales: 8-bit state only; mu_numel: n of μ's update).
 _ROWS = ("param", "grad", "exp_avg", "exp_avg_sq", "step", "delta_mu", "numel", "exp_avg_scale", "exp_avg_sq_scale",
          "mu_numel")
-QBLOCK = 128  # elements per scale of 8-bit state (csrc/state8.h kBlock)
-_QBLOCK = tl.constexpr(QBLOCK)
-_ROUND_MAGIC = tl.constexpr(8388608.0)  # 2^23: (t + 2^23) − 2^23 rounds 0 ≤ t < 2^23 to nearest even
-_MIN_SCALE = tl.constexpr(2.0 ** -126)
-
-
-def _f8_constants(exp_bits: int, mantissa_bits: int = 3):
-    """(exponent rebase in code units, smallest normal, subnormal scale 2^(bias−1+M), its inverse, largest code)
-    of the F8 format with ``exp_bits`` exponent bits (csrc/state8.h F8Format)."""
-    bias = 2 ** exp_bits - 1
-    sub_exp = bias - 1 + mantissa_bits
-    return tuple(tl.constexpr(c) for c in ((127 - bias) << mantissa_bits, 2.0 ** (1 - bias), 2.0 ** sub_exp,
-                                           2.0 ** -sub_exp, 2 ** (exp_bits + mantissa_bits) - 1))
-
-
-_M_OFFSET, _M_MIN_NORMAL, _M_SUB_SCALE, _M_SUB_STEP, _M_MAX_CODE = _f8_constants(4)  # exp_avg: sign + e4m3
-_V_OFFSET, _V_MIN_NORMAL, _V_SUB_SCALE, _V_SUB_STEP, _V_MAX_CODE = _f8_constants(5)  # exp_avg_sq (√v): e5m3
-
 
 # ------------------------------------------------------------------------------------------------
 # Kernels
@@ -102,38 +86,6 @@ def _clip(x, d):
 
 
 @triton.jit
-def _row_max_abs(x):
-    """max |x| per row of a [rows, _QBLOCK] block, on the bit patterns (csrc/state8.h abs_bits)."""
-    bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    return tl.max(bits, axis=1).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _encode_factor(s):
-    """1/s, or 0 where s < 2^−126."""
-    return tl.where(s >= _MIN_SCALE, tl.div_rn(tl.full(s.shape, 1.0, tl.float32), s), 0.0)
-
-
-@triton.jit
-def _f8_encode(x, OFFSET: tl.constexpr, MIN_NORMAL: tl.constexpr, SUB_SCALE: tl.constexpr,
-               MAX_CODE: tl.constexpr):
-    """F8(x) of x ≥ 0 as int32 codes (3 mantissa bits): the fp32 bit pattern rounded to nearest even and
-    rebased, or a subnormal code below MIN_NORMAL; NaN → MAX_CODE (csrc/state8.h f8_encode)."""
-    u = x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
-    normal = ((u + 0x7FFFF + ((u >> 20) & 1)) >> 20).to(tl.int32) - OFFSET
-    tiny = x < MIN_NORMAL
-    subnormal = ((tl.where(tiny, x, 0.0) * SUB_SCALE + _ROUND_MAGIC) - _ROUND_MAGIC).to(tl.int32)
-    return tl.minimum(tl.where(tiny, subnormal, normal), MAX_CODE)
-
-
-@triton.jit
-def _f8_decode(c, OFFSET: tl.constexpr, SUB_STEP: tl.constexpr):
-    """V(c): the exact float32 value of int32 F8 codes (csrc/state8.h f8_decode)."""
-    normal = ((c + OFFSET) << 20).to(tl.float32, bitcast=True)
-    return tl.where(c < 8, c.to(tl.float32) * SUB_STEP, normal)
-
-
-@triton.jit
 def _adam_decay_block(p_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, offs, rows, n, lr, tau, delta, grad_mul, inv_bc1,
                       inv_sqrt_bc2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
                       DECAY: tl.constexpr, SCALE_GRAD: tl.constexpr, MASKED: tl.constexpr,
@@ -143,7 +95,7 @@ def _adam_decay_block(p_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, offs, rows, n,
     The arithmetic is csrc/adam_decay_math.h's (the CUDA and CPU kernels'), with IEEE-rounded division
     and square root (tl.div_rn / tl.sqrt_rn: Triton's ``/`` and ``tl.sqrt`` are approximate and flush
     subnormals, which with eps = 0 turns a subnormal v into an infinite step). With QUANT, ``offs`` is
-    [rows, _QBLOCK] and ``rows`` the block-row indices of the scales; m and v are decoded before and
+    [rows, QBLOCK] and ``rows`` the block-row indices of the scales; m and v are decoded before and
     encoded after (csrc/state8.h).
     """
     if MASKED:
@@ -158,14 +110,9 @@ def _adam_decay_block(p_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, offs, rows, n,
         m = tl.load(m_ptr + offs)
         v = tl.load(v_ptr + offs)
     if QUANT:  # codes → moments: m = sign(c)·V(|c|)·s_m, √v = V(c)·s_w, v = (√v)²
-        row_mask = rows * _QBLOCK < n
-        s_m = tl.load(ms_ptr + rows, mask=row_mask, other=0.0)
-        s_w = tl.load(vs_ptr + rows, mask=row_mask, other=0.0)
-        c_m = m.to(tl.int32)
-        a = _f8_decode(tl.abs(c_m), _M_OFFSET, _M_SUB_STEP) * s_m[:, None]
-        m = tl.where(c_m < 0, -a, a)
-        w = _f8_decode(v.to(tl.int32), _V_OFFSET, _V_SUB_STEP) * s_w[:, None]
-        v = w * w
+        row_mask = rows * QBLOCK_C < n
+        m = decode_exp_avg(m, tl.load(ms_ptr + rows, mask=row_mask, other=0.0))
+        v = decode_exp_avg_sq(v, tl.load(vs_ptr + rows, mask=row_mask, other=0.0))
     else:
         m = m.to(tl.float32)
         v = v.to(tl.float32)
@@ -188,11 +135,10 @@ def _adam_decay_block(p_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, offs, rows, n,
         if MASKED:
             m = tl.where(mask, m, 0.0)
             w = tl.where(mask, w, 0.0)
-        s_m = _row_max_abs(m)
-        s_w = _row_max_abs(w)
-        q = _f8_encode(tl.abs(m) * _encode_factor(s_m)[:, None], _M_OFFSET, _M_MIN_NORMAL, _M_SUB_SCALE, _M_MAX_CODE)
-        m = tl.where(m < 0.0, -q, q)
-        v = _f8_encode(w * _encode_factor(s_w)[:, None], _V_OFFSET, _V_MIN_NORMAL, _V_SUB_SCALE, _V_MAX_CODE)
+        s_m = row_max_abs(m)
+        s_w = row_max_abs(w)
+        m = encode_exp_avg(m, s_m)
+        v = encode_exp_avg_sq(w, s_w)
         if MASKED:
             tl.store(ms_ptr + rows, s_m, mask=row_mask)
             tl.store(vs_ptr + rows, s_w, mask=row_mask)
@@ -257,9 +203,9 @@ def _adam_decay_kernel(meta_ptr, partials_ptr, lr_ptr, lr_value, max_lr_ptr, max
     v_ptr = _tensor_ptr(meta_ptr + 3 * n_tensors, tid, V_DTYPE, ALIGNED)
     step_ptr = _tensor_ptr(meta_ptr + 4 * n_tensors, tid, tl.float32, False)
     n = tl.load(meta_ptr + 6 * n_tensors + tid)
-    if QUANT:  # the block as rows of _QBLOCK elements, one scale per row
-        rows = chunk * (BLOCK // _QBLOCK) + tl.arange(0, BLOCK // _QBLOCK)
-        offs = rows[:, None] * _QBLOCK + tl.arange(0, _QBLOCK)[None, :]  # int64
+    if QUANT:  # the block as rows of QBLOCK elements, one scale per row
+        rows = chunk * (BLOCK // QBLOCK_C) + tl.arange(0, BLOCK // QBLOCK_C)
+        offs = rows[:, None] * QBLOCK_C + tl.arange(0, QBLOCK_C)[None, :]  # int64
         ms_ptr = _tensor_ptr(meta_ptr + 7 * n_tensors, tid, tl.float32, False)
         vs_ptr = _tensor_ptr(meta_ptr + 8 * n_tensors, tid, tl.float32, False)
     else:
