@@ -14,10 +14,19 @@ The same rounds also time two bandwidth references (fp32 buffers of 256 MiB on C
            read-modify-write stream such as an optimizer step can reach; rmw moves memory the way
            the step does. On GPUs the two agree closely.
 "% copy" / "% rmw" are per-round ratios of the step's GB/s (bytes an ideal fused step moves: 28 B/param
-fp32, 14 B/param bf16; see bench/to_results.py) to the reference's GB/s in the same round.
+fp32, 14 B/param bf16, 16.1 B/param fp32 params with 8-bit state; see bench/to_results.py and
+test_bench_step.moved_bytes_per_param) to the reference's GB/s in the same round.
+
+State precision: every fusedecay kernel runs with full-precision moments ("32") and, with ``--state-bits``
+including 8, with 8-bit moments (``state_bits=8``, docs/state8.md). "state B/param" is measured: the bytes of
+every tensor in the optimizer's state (moments or codes + scales, step, μ) over the number of params.
+
+``--sweep`` adds the time-vs-number-of-tensors runs: 1M fp32 params as 10 × 100k, 100 × 10k, 1000 × 1k and
+4000 × 250 (``--sweep-counts``), where per-tensor host work and per-step launches weigh most.
 
     python bench/bench_paired_step.py                       # GPU: gpt2-124m; CPU: cpu-small
     python bench/bench_paired_step.py --rounds 60 --dtypes fp32,bf16 --param-set cpu-small
+    python bench/bench_paired_step.py --dtypes fp32 --state-bits 32,8 --sweep
 
 Writes bench/results/paired-<device>-<date>T<HHMM>.json (rows + run info) and .md. Asserts nothing.
 """
@@ -84,6 +93,10 @@ def main() -> None:
                     "cpu-small on CPU)")
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, bf16-fp32state")
     ap.add_argument("--kernels", default=",".join(KERNELS))
+    ap.add_argument("--state-bits", default="32,8", help="comma list of 32 and 8 (fusedecay kernels only)")
+    ap.add_argument("--sweep", action="store_true", help="also the tensor-count sweep (fp32, 32-bit state)")
+    ap.add_argument("--sweep-counts", default="10,100,1000,4000")
+    ap.add_argument("--sweep-total", type=int, default=1_000_000)
     ap.add_argument("--rounds", type=int, default=0, help="default: 100 on GPU, 40 on CPU")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
@@ -97,66 +110,74 @@ def main() -> None:
     from run_info import run_info, slug
 
     dev = TB.DEVICE
-    ps_name = a.param_set or ("gpt2-124m" if dev.type == "cuda" else "cpu-small")
+    main_set = a.param_set or ("gpt2-124m" if dev.type == "cuda" else "cpu-small")
     rounds = a.rounds or (100 if dev.type == "cuda" else 40)
-    shapes = PS.shapes(ps_name, dev.type)
-    numel = PS.numel(shapes)
     kernels = [k for k in a.kernels.split(",") if k]
+    state_bits = [int(b) for b in a.state_bits.split(",") if b]
     run = timer(dev)
     info = run_info(dev)
     rows: List[dict] = []
+    # (param set, dtype, state precisions of the fusedecay kernels)
+    configs = [(main_set, dt, state_bits) for dt in a.dtypes.split(",") if dt]
+    if a.sweep:
+        configs += [(f"split-{a.sweep_total}-{n}", "fp32", [32]) for n in a.sweep_counts.split(",") if n]
 
-    for dt in [d for d in a.dtypes.split(",") if d]:
-        param_dtype, moment_dtype, bpp = TB.DTYPES[dt]
-        bytes_per_step = numel * bpp
+    for ps_name, dt, bits_list in configs:
+        shapes = PS.shapes(ps_name, dev.type)
+        numel = PS.numel(shapes)
+        param_dtype, moment_dtype, _ = TB.DTYPES[dt]
         # torch AdamW keeps moments in the param dtype: bf16 params + fp32 moments compare with fp32
         base_dt = "fp32" if dt == "bf16-fp32state" else dt
-        cands: Dict[Tuple[str, str], Callable[[], object]] = {}
+        # candidate key (kernel, backend, state bits) → (step, bytes moved per step, state bytes per param)
+        cands: Dict[Tuple[str, str, int], Tuple[Callable[[], object], float, float]] = {}
         keep = []
         bp = PS.make_params(shapes, dev, TB.DTYPES[base_dt][0])
         base_opt = TB.make_optimizer(TB.Case(ps_name, base_dt, *BASELINE), bp)
         base_opt.step()
         TB.randomize_state(base_opt, bp, TB.DTYPES[base_dt][1])
-        cands[BASELINE] = base_opt.step
+        base_key = BASELINE + (32,)
+        cands[base_key] = (base_opt.step, numel * TB.DTYPES[base_dt][2], TB.state_bytes_per_param(base_opt, bp))
         keep.append((base_opt, bp))
         for k in kernels:
             for b in TB.fusedecay_backends(numel, dt):
                 if b == "reference":
                     continue  # an eager per-tensor loop: bench/test_bench_step.py times it
-                params = PS.make_params(shapes, dev, param_dtype)
-                opt = TB.make_optimizer(TB.Case(ps_name, dt, k, b), params)
-                opt.step()
-                TB.randomize_state(opt, params, moment_dtype)
-                cands[(k, b)] = opt.step
-                keep.append((opt, params))
+                for bits in bits_list:
+                    params = PS.make_params(shapes, dev, param_dtype)
+                    opt = TB.make_optimizer(TB.Case(ps_name, dt, k, b), params, state_bits=bits)
+                    opt.step()
+                    TB.randomize_state(opt, params, moment_dtype)
+                    cands[(k, b, bits)] = (opt.step, numel * TB.moved_bytes_per_param(dt, bits),
+                                           TB.state_bytes_per_param(opt, params))
+                    keep.append((opt, params))
         refs = bandwidth_refs(dev)
-        for name, (fn, _) in refs.items():
-            cands[(name, "torch")] = fn
+        for name, (fn, nb) in refs.items():
+            cands[(name, "torch", 32)] = (fn, nb, 0.0)
         order = list(cands)
         for _ in range(a.warmup):
             for key in order:
-                run(cands[key])
-        times: Dict[Tuple[str, str], List[float]] = {key: [] for key in order}
+                run(cands[key][0])
+        times: Dict[Tuple[str, str, int], List[float]] = {key: [] for key in order}
         for r in range(rounds):
             rot = order[r % len(order):] + order[:r % len(order)]
             for key in rot:
-                times[key].append(run(cands[key]))
+                times[key].append(run(cands[key][0]))
         # GPU: device time as well (CUDA events around steps issued back to back, so the host's Python work
         # overlaps the kernels); not interleaved, one candidate after the other.
-        dev_ms: Dict[Tuple[str, str], float] = {}
+        dev_ms: Dict[Tuple[str, str, int], float] = {}
         if dev.type == "cuda":
             from timing import cuda_event_median_ms
             for key in order:
-                dev_ms[key] = cuda_event_median_ms(cands[key], rounds)
-        base_t = times[BASELINE]
-        ref_gbps = {name: [nb / t / 1e9 for t in times[(name, "torch")]] for name, (_, nb) in refs.items()}
+                dev_ms[key] = cuda_event_median_ms(cands[key][0], rounds)
+        base_t = times[base_key]
+        ref_gbps = {name: [nb / t / 1e9 for t in times[(name, "torch", 32)]] for name, (_, nb) in refs.items()}
         for key in order:
-            kernel, backend = key
+            kernel, backend, bits = key
+            _, bytes_per_step, state_bpp = cands[key]
             ts = times[key]
-            row = dict(param_set=ps_name, dtype=dt, kernel=kernel, backend=backend, device=dev.type,
-                       n_tensors=len(shapes), numel=numel, rounds=rounds, median_ms=statistics.median(ts) * 1e3)
-            # The baseline of bf16-fp32state runs in fp32: its own bytes per step are fp32's.
-            bytes_per_step = numel * (TB.DTYPES[base_dt][2] if key == BASELINE else bpp)
+            row = dict(param_set=ps_name, dtype=dt, kernel=kernel, backend=backend, state_bits=bits,
+                       device=dev.type, n_tensors=len(shapes), numel=numel, rounds=rounds,
+                       median_ms=statistics.median(ts) * 1e3)
             if key in dev_ms:
                 row["device_ms"] = dev_ms[key]
             if kernel in refs:
@@ -167,15 +188,15 @@ def main() -> None:
                 ratios = [t / tb for t, tb in zip(ts, base_t)]
                 lo, hi = bootstrap_median_ci(ratios)
                 gbps = [bytes_per_step / t / 1e9 for t in ts]
-                row.update(bytes_per_step=bytes_per_step, gbps=statistics.median(gbps),
+                row.update(bytes_per_step=bytes_per_step, gbps=statistics.median(gbps), state_bytes_per_param=state_bpp,
                            ratio_vs_torch_fused=statistics.median(ratios), ratio_ci95=[lo, hi],
                            baseline=f"adamw torch-fused {base_dt}",
                            pct_copy_bw=100 * statistics.median(g / c for g, c in zip(gbps, ref_gbps["copy"])),
                            pct_rmw_bw=100 * statistics.median(g / c for g, c in zip(gbps, ref_gbps["rmw"])))
                 if key in dev_ms:
-                    copy_dev_gbps = refs["copy"][1] / (dev_ms[("copy", "torch")] * 1e-3) / 1e9
+                    copy_dev_gbps = refs["copy"][1] / (dev_ms[("copy", "torch", 32)] * 1e-3) / 1e9
                     row.update(device_gbps=bytes_per_step / (dev_ms[key] * 1e-3) / 1e9,
-                               device_ratio_vs_torch_fused=dev_ms[key] / dev_ms[BASELINE])
+                               device_ratio_vs_torch_fused=dev_ms[key] / dev_ms[base_key])
                     row["device_pct_copy_bw"] = 100 * row["device_gbps"] / copy_dev_gbps
             rows.append(row)
         del keep, cands
@@ -191,25 +212,29 @@ def main() -> None:
     gpu = dev.type == "cuda"
     lines = [f"# Paired step-time ratios — {info['device_name']}", "",
              f"torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, Python {info['python']}, "
-             f"commit `{info['commit']}`, {info['date']}. `python bench/bench_paired_step.py` "
-             f"(param set {ps_name}, {rounds} interleaved rounds; ratio = median of per-round ratios to torch "
-             f"fused AdamW in the same round, 95 % bootstrap interval).", "",
-             "| dtype | kernel | backend | median ms | GB/s | % copy BW | % rmw BW | × torch fused | 95 % CI |"
+             f"commit `{info['commit']}`, {info['date']}. `python {' '.join(sys.argv)}` "
+             f"(param set {main_set}{', tensor-count sweep' if a.sweep else ''}, {rounds} interleaved rounds; ratio = "
+             f"median of per-round ratios to torch fused AdamW in the same round, 95 % bootstrap interval; state B/param "
+             f"measured from the optimizer's state tensors).", "",
+             "| param set | dtype | kernel | backend | state | state B/param | median ms | GB/s | % copy BW | % rmw BW "
+             "| × torch fused | 95 % CI |"
              + (" event ms | event GB/s | event % copy | event × fused |" if gpu else ""),
-             "|---|---|---|---:|---:|---:|---:|---:|---|" + ("---:|---:|---:|---:|" if gpu else "")]
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|" + ("---:|---:|---:|---:|" if gpu else "")]
     for r in rows:
         ev = ""
         if gpu:
             ev = (f" {r['device_ms']:.3f} | {r['device_gbps']:.1f} | "
                   + (f"{r['device_pct_copy_bw']:.0f} | {r['device_ratio_vs_torch_fused']:.3f} |"
                      if "device_ratio_vs_torch_fused" in r else " | |"))
+        head = f"| {r['param_set']} | {r['dtype']} | "
         if "ratio_vs_torch_fused" in r:
             lo, hi = r["ratio_ci95"]
-            lines.append(f"| {r['dtype']} | {r['kernel']} | {r['backend']} | {r['median_ms']:.3f} | {r['gbps']:.1f} | "
-                         f"{r['pct_copy_bw']:.0f} | {r['pct_rmw_bw']:.0f} | {r['ratio_vs_torch_fused']:.3f} | "
-                         f"{lo:.3f}–{hi:.3f} |" + ev)
+            state = "8-bit" if r["state_bits"] == 8 else "full"
+            lines.append(head + f"{r['kernel']} | {r['backend']} | {state} | {r['state_bytes_per_param']:.3f} | "
+                         f"{r['median_ms']:.3f} | {r['gbps']:.1f} | {r['pct_copy_bw']:.0f} | {r['pct_rmw_bw']:.0f} | "
+                         f"{r['ratio_vs_torch_fused']:.3f} | {lo:.3f}–{hi:.3f} |" + ev)
         else:
-            lines.append(f"| {r['dtype']} | {r['kernel']} (reference) | {r['backend']} | {r['median_ms']:.3f} | "
+            lines.append(head + f"{r['kernel']} (reference) | {r['backend']} | | | {r['median_ms']:.3f} | "
                          f"{r['gbps']:.1f} | | | | |" + ev)
     if gpu:
         lines += ["", "\"median ms\": wall clock per step with a device sync before and after (host work included), "

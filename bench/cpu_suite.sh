@@ -20,5 +20,6 @@ echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 python -m pytest bench/test_bench_step.py -p no:cacheprovider --benchmark-json="$RAW" \
     --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 python bench/to_results.py "$RAW"
-# Paired ratios (every candidate stepped in every round, order rotated; median per-round ratio with a 95 % CI):
-python bench/bench_paired_step.py --dtypes fp32,bf16-fp32state,bf16
+# Paired ratios (every candidate stepped in every round, order rotated; median per-round ratio with a 95 % CI),
+# full-precision and 8-bit state, plus the tensor-count sweep (1M params in 10 … 4000 tensors):
+python bench/bench_paired_step.py --dtypes fp32,bf16-fp32state,bf16 --state-bits 32,8 --sweep

@@ -5,8 +5,12 @@
 * ``cpu-small`` — the same layer mix at d_model 384, 4 layers, vocab 16384, context 512: 13.6 M
   parameters in 52 tensors. Its footprint (θ, g, m, v: 16 B/param in fp32, 8 B in bf16 = 218 / 109 MB)
   is several times a server CPU's L3 (32 MB on the CI box), so a step streams from DRAM.
+* ``gpt-tiny`` — the same layer mix at d 128, 2 layers, vocab 256, context 128 (0.46 M params): quick runs
+  of the tooling (tests/test_bench_tools.py).
 * ``many-small-N`` — one fixed total size split into N equal 1-D tensors (the time-vs-number-of-tensors
   sweep); the total is :data:`SWEEP_NUMEL` for the device type.
+* ``split-T-N`` — T parameters in N equal 1-D tensors (``bench_paired_step.py --sweep``: 1M params as
+  10 × 100k … 4000 × 250, where per-tensor host work and launches weigh most).
 
 Values are random (never zeros): matrices ~ N(0, 0.02²), norm gains ~ 1 + N(0, 0.02²), biases
 ~ N(0, 0.02²); gradients ~ N(0, 1e-2²); see :func:`make_params`.
@@ -55,8 +59,13 @@ def shapes(name: str, device_type: str = "cpu") -> List[Tuple[str, Shape]]:
         return gpt_shapes(vocab=50257, n_ctx=1024, d=768, n_layer=12)
     if name == "cpu-small":
         return gpt_shapes(vocab=16384, n_ctx=512, d=384, n_layer=4)
+    if name == "gpt-tiny":
+        return gpt_shapes(vocab=256, n_ctx=128, d=128, n_layer=2)
     if name.startswith("many-small-"):
         return many_small(SWEEP_NUMEL.get(device_type, SWEEP_NUMEL["cpu"]), int(name.rsplit("-", 1)[1]))
+    if name.startswith("split-"):
+        _, total, count = name.split("-")
+        return many_small(int(total), int(count))
     raise KeyError(f"unknown parameter set {name!r}")
 
 

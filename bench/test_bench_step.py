@@ -104,26 +104,51 @@ def build_cases() -> List[Case]:
     return cases
 
 
-def make_optimizer(case: Case, params):
+def make_optimizer(case: Case, params, state_bits: int = 32):
+    """The case's optimizer; ``state_bits=8`` gives fusedecay's optimizers 8-bit moments (docs/state8.md)."""
     if case.kernel == "adamw":
+        if state_bits != 32:
+            raise ValueError("torch AdamW has only full-precision state")
         return torch.optim.AdamW(params, **HYPER, fused=case.backend == "torch-fused",
                                  foreach=case.backend == "torch-foreach")
     if case.kernel == "adamc":
-        return fusedecay.AdamC(params, **HYPER, backend=case.backend)
+        return fusedecay.AdamC(params, **HYPER, state_bits=state_bits, backend=case.backend)
     update = {"adamhd-prox-ema": "prox", "adamhd-euler": "euler"}[case.kernel]
-    return fusedecay.AdamHD(params, **HYPER, update=update, delta_mode="ema", backend=case.backend)
+    return fusedecay.AdamHD(params, **HYPER, update=update, delta_mode="ema", state_bits=state_bits,
+                            backend=case.backend)
 
 
 def randomize_state(opt, params, moment_dtype: torch.dtype, seed: int = 1) -> None:
     """Replace zero-initialised moments with random ones (m ~ N(0, 1e-3²), v = m'² with m' another
-    draw), in ``moment_dtype``; everything else (step, δ's μ) stays as the optimizer made it."""
+    draw), in ``moment_dtype`` — or encoded, for 8-bit state; everything else (step, δ's μ) stays as the
+    optimizer made it."""
+    from fusedecay.reference import state8
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     for p in params:
         st = opt.state[p]
         m = torch.randn(p.shape, generator=gen, device=DEVICE) * 1e-3
         v = (torch.randn(p.shape, generator=gen, device=DEVICE) * 1e-3).square_()
-        st["exp_avg"] = m.to(moment_dtype)
-        st["exp_avg_sq"] = v.to(moment_dtype)
+        if "exp_avg_codes" in st:
+            st["exp_avg_codes"], st["exp_avg_scales"] = state8.quantize_exp_avg(m)
+            st["exp_avg_sq_codes"], st["exp_avg_sq_scales"] = state8.quantize_exp_avg_sq(v)
+        else:
+            st["exp_avg"] = m.to(moment_dtype)
+            st["exp_avg_sq"] = v.to(moment_dtype)
+
+
+def moved_bytes_per_param(dtype: str, state_bits: int = 32) -> float:
+    """Bytes an ideal one-pass step moves per param: read θ, g, m, v and write θ, m, v; 8-bit moments are
+    one byte each way per moment plus their float32 block scales (4 B per 128 elements, read and written)."""
+    if state_bits == 32:
+        return DTYPES[dtype][2]
+    return 3 * DTYPES[dtype][0].itemsize + 2 * 2 * (1 + 4 / 128)
+
+
+def state_bytes_per_param(opt, params) -> float:
+    """Bytes of every state tensor the optimizer holds (moments or codes + scales, step, μ) per param."""
+    nbytes = sum(t.numel() * t.element_size() for p in params for t in opt.state[p].values()
+                 if isinstance(t, torch.Tensor))
+    return nbytes / max(sum(p.numel() for p in params), 1)
 
 
 def setup_case(case: Case):

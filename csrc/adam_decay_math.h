@@ -29,8 +29,9 @@ namespace fusedecay {
 
 enum DecayKind : int { kDecayL2 = 0, kDecayProx = 1, kDecayEuler = 2 };
 
-// Storage dtypes the kernels understand (the glue maps torch dtypes onto these).
-enum StorageKind : int { kStoreF32 = 0, kStoreBF16 = 1, kStoreF64 = 2 };
+// Storage formats the kernels understand (the glue maps torch dtypes onto these). kStoreQ8 is the 8-bit
+// blockwise moment state of csrc/state8.h (int8 exp_avg and uint8 exp_avg_sq codes + fp32 block scales).
+enum StorageKind : int { kStoreF32 = 0, kStoreBF16 = 1, kStoreF64 = 2, kStoreQ8 = 3 };
 
 // bfloat16 storage: the raw 16 bits. Conversion is done by hand so host and device round the same
 // way (round-to-nearest-even, NaN → canonical 0x7FC0, as c10::BFloat16 does).
@@ -115,8 +116,11 @@ struct Hyper {
   T delta_scale;    // c: δ = c·μ otherwise
   T lr;             // γ when lr_ptr is null
   T max_lr;         // γ_max when max_lr_ptr is null (only read when corrected)
+  T mu_beta;        // β0 of the fused μ update (when update_mu)
+  T mu_one_minus_beta;
   int decay;        // DecayKind
   int bias_correction, maximize, corrected, use_delta_fixed;
+  int update_mu;    // after the step: μ ← β0·μ + (1 − β0)·Σ|θ_t|/n per tensor (delta_mu_next)
 };
 
 // Everything a kernel needs that is not per-tensor. Pointers are device pointers on CUDA and host
@@ -183,6 +187,13 @@ FD_HD StepScalars<T> make_step_scalars(const KernelScalars<T>& ks, float step, T
   const T delta = h.use_delta_fixed ? h.delta_fixed : h.delta_scale * mu;  // δ_t^(l)
   s.delta = delta;
   return s;
+}
+
+// The fused δ-tracking update of one tensor, after its Σ|θ_t| is known (AdamHD Eq. 8–9; β0 = 0 is Eq. 7):
+// μ ← β0·μ + (1 − β0)·(Σ|θ_t| / n), with the roundings of fusedecay.functional.update_delta_mu.
+template <typename T>
+FD_HD T delta_mu_next(T mu, T abs_sum, T n, const Hyper<T>& h) {
+  return mu * h.mu_beta + (abs_sum / n) * h.mu_one_minus_beta;
 }
 
 // One element: updates m and v in place and returns θ_t (math type). D is a DecayKind.

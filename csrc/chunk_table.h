@@ -28,10 +28,13 @@ constexpr int64_t kChunkSizeMultiple = 64;
 struct TensorMeta {
   void* param;
   const void* grad;
-  void* exp_avg;
+  void* exp_avg;        // moments, or their 8-bit codes (kStoreQ8)
   void* exp_avg_sq;
+  float* exp_avg_scale;     // kStoreQ8: one fp32 scale per state8::kBlock elements; else null
+  float* exp_avg_sq_scale;
   const float* step;   // t, float32, already incremented
-  const void* mu;      // μ^(l) in the math type, or null when δ is fixed / decay is l2
+  void* mu;            // μ^(l) in the math type, or null when δ is fixed / decay is l2
+  double mu_numel;     // n^(l) of the fused μ update μ ← β·μ + (1 − β)·Σ|θ_t|/n (global size when sharded)
   int64_t numel;
   int64_t first_chunk;  // index of this tensor's first entry in the chunk table
   int64_t num_chunks;

@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <utility>
@@ -14,16 +15,18 @@
 
 #include "adam_decay_math.h"
 #include "chunk_table.h"
+#include "state8.h"
 
 namespace fusedecay {
 
 // The op schema, shared by both extensions (the CPU extension defines it).
 constexpr const char* kAdamDecaySchema =
     "adam_decay_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-    "Tensor[] state_steps, Tensor[]? delta_mus, Tensor(d!)? abs_sums, *, float lr, Tensor? lr_tensor, "
+    "Tensor[] state_steps, Tensor(e!)[]? delta_mus, Tensor(d!)? abs_sums, *, float lr, Tensor? lr_tensor, "
     "float beta1, float beta2, float eps, float weight_decay, str decay, float? delta_fixed, "
     "float delta_scale, float? max_lr, Tensor? max_lr_tensor, bool bias_correction, bool maximize, "
-    "Tensor? grad_scale, Tensor? found_inf, int chunk_size=0) -> ()";
+    "Tensor? grad_scale, Tensor? found_inf, int chunk_size=0, Tensor(f!)[]? exp_avg_scales=None, "
+    "Tensor(g!)[]? exp_avg_sq_scales=None, float? delta_beta=None, int[]? mu_numels=None) -> ()";
 
 inline int parse_decay(const std::string& decay) {
   if (decay == "l2") return kDecayL2;
@@ -46,10 +49,13 @@ inline int storage_kind(at::ScalarType t) {
   }
 }
 
-// (param dtype, moment dtype) pairs the kernels are instantiated for.
+// Storage kind of a moment pair: its dtype's, or kStoreQ8 for int8 exp_avg codes (uint8 exp_avg_sq codes).
+inline int moment_kind(at::ScalarType m) { return m == at::kChar ? kStoreQ8 : storage_kind(m); }
+
+// (param dtype, exp_avg dtype) pairs the kernels are instantiated for.
 inline bool supported_pair(at::ScalarType p, at::ScalarType m) {
   if (p == at::kDouble) return m == at::kDouble;
-  return (p == at::kFloat || p == at::kBFloat16) && (m == at::kFloat || m == at::kBFloat16);
+  return (p == at::kFloat || p == at::kBFloat16) && (m == at::kFloat || m == at::kBFloat16 || m == at::kChar);
 }
 
 // The four data tensors of one param can be walked as one flat array when they are dense and
@@ -87,13 +93,39 @@ inline void check_scalar_tensor(const char* name, const at::Tensor& t) {
                     t.scalar_type());
 }
 
+// 8-bit state of params[i] (csrc/state8.h): int8/uint8 codes shaped like the param and fp32 block scales.
+inline void check_state8(size_t i, const at::Tensor& p, const at::Tensor& m, const at::Tensor& v,
+                         const at::Tensor& ms, const at::Tensor& vs, int64_t chunk_size) {
+  TORCH_CHECK_VALUE(m.scalar_type() == at::kChar && v.scalar_type() == at::kByte, "Invalid exp_avgs[", i,
+                    "]: 8-bit state needs int8 exp_avg and uint8 exp_avg_sq codes, got ", m.scalar_type(), " and ",
+                    v.scalar_type());
+  TORCH_CHECK_VALUE(p.numel() % state8::kBlock == 0, "Invalid params[", i, "]: 8-bit state needs a multiple of ",
+                    state8::kBlock, " elements, got ", p.numel());
+  TORCH_CHECK_VALUE(m.is_contiguous() && v.is_contiguous(), "Invalid exp_avgs[", i,
+                    "]: 8-bit codes must be contiguous (blocks are defined in row-major order)");
+  const int64_t blocks = p.numel() / state8::kBlock;
+  for (const at::Tensor* sc : {&ms, &vs}) {
+    TORCH_CHECK_VALUE(sc->scalar_type() == at::kFloat && sc->device() == p.device() && sc->numel() == blocks &&
+                          sc->is_contiguous(),
+                      "Invalid ", sc == &ms ? "exp_avg_scales[" : "exp_avg_sq_scales[", i,
+                      "]: expected a contiguous float32 tensor of ", blocks, " elements on ", p.device(), ", got ",
+                      sc->scalar_type(), " of shape ", sc->sizes(), " on ", sc->device());
+  }
+  TORCH_CHECK_VALUE(chunk_size % state8::kBlock == 0, "Invalid chunk_size: ", chunk_size,
+                    " (8-bit state needs a multiple of ", state8::kBlock, ")");
+}
+
 inline Prepared prepare_adam_decay(const at::TensorList params, const at::TensorList grads,
                                    const at::TensorList exp_avgs, const at::TensorList exp_avg_sqs,
                                    const at::TensorList state_steps,
                                    const std::optional<at::TensorList>& delta_mus,
                                    const std::optional<at::Tensor>& abs_sums, const std::string& decay,
                                    std::optional<double> delta_fixed, int64_t chunk_size,
-                                   c10::DeviceType expected_device) {
+                                   c10::DeviceType expected_device,
+                                   const std::optional<at::TensorList>& exp_avg_scales = std::nullopt,
+                                   const std::optional<at::TensorList>& exp_avg_sq_scales = std::nullopt,
+                                   std::optional<double> delta_beta = std::nullopt,
+                                   const std::optional<c10::IntArrayRef>& mu_numels = std::nullopt) {
   Prepared out;
   const size_t n = params.size();
   TORCH_CHECK_VALUE(grads.size() == n, "Invalid grads: ", grads.size(), " entries for ", n, " params");
@@ -108,6 +140,24 @@ inline Prepared prepare_adam_decay(const at::TensorList params, const at::Tensor
                     "Invalid chunk_size: ", chunk_size, " (0 for the default, else a positive multiple of ",
                     kChunkSizeMultiple, ")");
   out.needs_mu = out.decay != kDecayL2 && !delta_fixed.has_value();
+  const bool state8 = exp_avg_scales.has_value();
+  TORCH_CHECK_VALUE(state8 == exp_avg_sq_scales.has_value(),
+                    "Invalid exp_avg_scales: exp_avg_scales and exp_avg_sq_scales must be given together");
+  if (state8) {
+    TORCH_CHECK_VALUE(exp_avg_scales->size() == n && exp_avg_sq_scales->size() == n, "Invalid exp_avg_scales: ",
+                      exp_avg_scales->size(), " and ", exp_avg_sq_scales->size(), " entries for ", n, " params");
+  }
+  if (delta_beta.has_value()) {
+    TORCH_CHECK_VALUE(out.needs_mu, "Invalid delta_beta: the fused μ update needs decay 'prox' or 'euler' "
+                      "without delta_fixed");
+    TORCH_CHECK_VALUE(*delta_beta >= 0.0 && *delta_beta < 1.0, "Invalid delta_beta: ", *delta_beta,
+                      " (must lie in [0, 1))");
+    TORCH_CHECK_VALUE(abs_sums.has_value(), "Invalid abs_sums: delta_beta needs abs_sums");
+  }
+  if (mu_numels.has_value()) {
+    TORCH_CHECK_VALUE(delta_beta.has_value() && mu_numels->size() == n, "Invalid mu_numels: expected one size per "
+                      "param, and only with delta_beta");
+  }
   if (n == 0) return out;
 
   out.device = params[0].device();
@@ -148,15 +198,21 @@ inline Prepared prepare_adam_decay(const at::TensorList params, const at::Tensor
                       "]: expected shape ", p.sizes(), " on ", out.device);
     TORCH_CHECK_VALUE(v.device() == out.device && v.sizes().equals(p.sizes()), "Invalid exp_avg_sqs[", i,
                       "]: expected shape ", p.sizes(), " on ", out.device);
-    TORCH_CHECK_VALUE(m.scalar_type() == v.scalar_type(), "Invalid exp_avg_sqs[", i, "]: dtype ", v.scalar_type(),
-                      " differs from exp_avgs[", i, "] (", m.scalar_type(), ")");
+    if (state8) {
+      check_state8(i, p, m, v, (*exp_avg_scales)[i], (*exp_avg_sq_scales)[i], out.chunk_size);
+    } else {
+      TORCH_CHECK_VALUE(m.scalar_type() != at::kChar, "Invalid exp_avgs[", i,
+                        "]: int8 moments are 8-bit state and need exp_avg_scales / exp_avg_sq_scales");
+      TORCH_CHECK_VALUE(m.scalar_type() == v.scalar_type(), "Invalid exp_avg_sqs[", i, "]: dtype ", v.scalar_type(),
+                        " differs from exp_avgs[", i, "] (", m.scalar_type(), ")");
+    }
     TORCH_CHECK_VALUE(supported_pair(out.param_dtype, m.scalar_type()), "Invalid exp_avgs[", i, "]: moments of dtype ",
                       m.scalar_type(), " are not supported for ", out.param_dtype, " params");
     const at::Tensor& st = state_steps[i];
     TORCH_CHECK_VALUE(st.numel() == 1 && st.scalar_type() == at::kFloat && st.device() == out.device,
                       "Invalid state_steps[", i, "]: expected a one-element float32 tensor on ", out.device, ", got ",
                       st.scalar_type(), " shape ", st.sizes(), " on ", st.device());
-    const void* mu_ptr = nullptr;
+    void* mu_ptr = nullptr;
     if (out.needs_mu) {
       const at::Tensor& mu = (*delta_mus)[i];
       TORCH_CHECK_VALUE(mu.numel() == 1 && mu.scalar_type() == out.math_dtype && mu.device() == out.device,
@@ -166,8 +222,9 @@ inline Prepared prepare_adam_decay(const at::TensorList params, const at::Tensor
     }
 
     at::Tensor pw = p, gw = g, mw = m, vw = v;
-    const bool direct = p.is_non_overlapping_and_dense() && same_dense_layout(p, g) && same_dense_layout(p, m) &&
-                        same_dense_layout(p, v);
+    // 8-bit blocks are defined in row-major order: such tensors are walked in place only when contiguous.
+    const bool dense = state8 ? p.is_contiguous() : p.is_non_overlapping_and_dense();
+    const bool direct = dense && same_dense_layout(p, g) && same_dense_layout(p, m) && same_dense_layout(p, v);
     if (!direct && p.numel() > 0) {
       // Walk contiguous copies and write params/moments back afterwards (rare: sliced or
       // mismatched-layout tensors). Costs one extra read+write of those tensors.
@@ -185,8 +242,11 @@ inline Prepared prepare_adam_decay(const at::TensorList params, const at::Tensor
     meta.grad = gw.data_ptr();
     meta.exp_avg = mw.data_ptr();
     meta.exp_avg_sq = vw.data_ptr();
+    meta.exp_avg_scale = state8 ? (*exp_avg_scales)[i].data_ptr<float>() : nullptr;
+    meta.exp_avg_sq_scale = state8 ? (*exp_avg_sq_scales)[i].data_ptr<float>() : nullptr;
     meta.step = st.data_ptr<float>();
     meta.mu = mu_ptr;
+    meta.mu_numel = static_cast<double>(std::max<int64_t>(mu_numels.has_value() ? (*mu_numels)[i] : p.numel(), 1));
     meta.numel = p.numel();
     meta.out_index = static_cast<int64_t>(i);
 
@@ -268,7 +328,8 @@ inline ScalarInputs prepare_scalars(const Prepared& prep, double lr, const std::
 template <typename T>
 inline KernelScalars<T> make_kernel_scalars(const Prepared& prep, const ScalarInputs& in, double beta1, double beta2,
                                             double eps, double weight_decay, std::optional<double> delta_fixed,
-                                            double delta_scale, bool bias_correction, bool maximize) {
+                                            double delta_scale, bool bias_correction, bool maximize,
+                                            std::optional<double> delta_beta = std::nullopt) {
   KernelScalars<T> ks{};
   Hyper<T>& h = ks.hyper;
   h.beta1 = static_cast<T>(beta1);
@@ -287,6 +348,9 @@ inline KernelScalars<T> make_kernel_scalars(const Prepared& prep, const ScalarIn
   h.decay = prep.decay;
   h.bias_correction = bias_correction ? 1 : 0;
   h.maximize = maximize ? 1 : 0;
+  h.update_mu = delta_beta.has_value() ? 1 : 0;
+  h.mu_beta = static_cast<T>(delta_beta.value_or(0.0));  // rounded as torch rounds a Python-float scalar
+  h.mu_one_minus_beta = static_cast<T>(1.0 - delta_beta.value_or(0.0));
   ks.lr_ptr = static_cast<const T*>(in.lr);
   ks.max_lr_ptr = static_cast<const T*>(in.max_lr);
   ks.grad_scale_ptr = static_cast<const T*>(in.grad_scale);

@@ -8,6 +8,8 @@
 //                                 (tensor, chunk, begin, length)
 //   fusedecay::_sum_partials      level 2 of the Σ|θ| reduction, exactly as the kernels do it, for tests
 //   fusedecay::abs_sums_          Σ|x| per tensor by the kernels' own two-level reduction (AdamHD's μ_0 = mean|θ_0|)
+//   fusedecay::_increment_steps_  t ← t + 1 for a list of float32 CPU step counters in one call (torch's foreach
+//                                 add runs one small op per tensor on the CPU: ~1.4 µs each)
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -24,19 +26,25 @@ namespace {
 template <typename T>
 void run_cpu(Prepared& prep, const ScalarInputs& sc, const std::optional<at::Tensor>& abs_sums, double beta1,
              double beta2, double eps, double weight_decay, std::optional<double> delta_fixed, double delta_scale,
-             bool bias_correction, bool maximize) {
+             bool bias_correction, bool maximize, std::optional<double> delta_beta) {
   const KernelScalars<T> ks = make_kernel_scalars<T>(prep, sc, beta1, beta2, eps, weight_decay, delta_fixed,
-                                                     delta_scale, bias_correction, maximize);
+                                                     delta_scale, bias_correction, maximize, delta_beta);
   T* sums = abs_sums.has_value() ? abs_sums->data_ptr<T>() : nullptr;
+  const bool update_mu = ks.hyper.update_mu && !should_skip(ks);
   std::vector<double> partials;
   for (const LaunchGroup& gr : prep.groups) {
     partials.assign(gr.chunks.size(), 0.0);
-    cpu::run_adam_decay<T>(ks, storage_kind(prep.param_dtype), storage_kind(gr.moment_dtype), gr.metas.data(),
+    cpu::run_adam_decay<T>(ks, storage_kind(prep.param_dtype), moment_kind(gr.moment_dtype), gr.metas.data(),
                            gr.chunks.data(), static_cast<int64_t>(gr.chunks.size()), prep.chunk_size,
                            sums != nullptr ? partials.data() : nullptr);
     if (sums != nullptr) {
       for (const TensorMeta& t : gr.metas) {
-        sums[t.out_index] = static_cast<T>(sum_partials(partials.data(), t.first_chunk, t.num_chunks));
+        const T sum = static_cast<T>(sum_partials(partials.data(), t.first_chunk, t.num_chunks));
+        sums[t.out_index] = sum;
+        if (update_mu) {  // μ is read by every chunk of the step above: updated only after all of them ran
+          T* mu = static_cast<T*>(t.mu);
+          *mu = delta_mu_next<T>(*mu, sum, static_cast<T>(t.mu_numel), ks.hyper);
+        }
       }
     }
   }
@@ -49,18 +57,21 @@ void adam_decay_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     std::optional<double> delta_fixed, double delta_scale, std::optional<double> max_lr,
                     const std::optional<at::Tensor>& max_lr_tensor, bool bias_correction, bool maximize,
                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                    int64_t chunk_size) {
+                    int64_t chunk_size, std::optional<at::TensorList> exp_avg_scales,
+                    std::optional<at::TensorList> exp_avg_sq_scales, std::optional<double> delta_beta,
+                    std::optional<c10::IntArrayRef> mu_numels) {
   check_hyper(beta1, beta2, eps, weight_decay, delta_scale, delta_fixed, max_lr);
   Prepared prep = prepare_adam_decay(params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, abs_sums,
-                                     std::string(decay), delta_fixed, chunk_size, c10::DeviceType::CPU);
+                                     std::string(decay), delta_fixed, chunk_size, c10::DeviceType::CPU,
+                                     exp_avg_scales, exp_avg_sq_scales, delta_beta, mu_numels);
   if (params.empty()) return;
   const ScalarInputs sc = prepare_scalars(prep, lr, lr_tensor, max_lr, max_lr_tensor, grad_scale, found_inf);
   if (prep.math_dtype == at::kDouble) {
     run_cpu<double>(prep, sc, abs_sums, beta1, beta2, eps, weight_decay, delta_fixed, delta_scale, bias_correction,
-                    maximize);
+                    maximize, delta_beta);
   } else {
     run_cpu<float>(prep, sc, abs_sums, beta1, beta2, eps, weight_decay, delta_fixed, delta_scale, bias_correction,
-                   maximize);
+                   maximize, delta_beta);
   }
   prep.finish();
 }
@@ -70,7 +81,9 @@ void adam_decay_meta(at::TensorList, at::TensorList, at::TensorList, at::TensorL
                      std::optional<at::TensorList>, const std::optional<at::Tensor>&, double,
                      const std::optional<at::Tensor>&, double, double, double, double, c10::string_view,
                      std::optional<double>, double, std::optional<double>, const std::optional<at::Tensor>&, bool, bool,
-                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t) {}
+                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
+                     std::optional<at::TensorList>, std::optional<at::TensorList>, std::optional<double>,
+                     std::optional<c10::IntArrayRef>) {}
 
 std::vector<TensorMeta> metas_of(c10::IntArrayRef numels) {
   std::vector<TensorMeta> metas(numels.size());
@@ -105,6 +118,15 @@ at::Tensor chunk_table_op(c10::IntArrayRef numels, int64_t chunk_size) {
     a[c][3] = chunk_length(table[c], metas[table[c].tensor].numel, cs);
   }
   return out;
+}
+
+void increment_steps_cpu(at::TensorList steps) {
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const at::Tensor& t = steps[i];
+    TORCH_CHECK_VALUE(t.numel() == 1 && t.scalar_type() == at::kFloat, "Invalid steps[", i,
+                      "]: expected a one-element float32 tensor, got ", t.scalar_type(), " of shape ", t.sizes());
+  }
+  for (const at::Tensor& t : steps) *t.data_ptr<float>() += 1.0f;  // the same rounding as torch's add of 1
 }
 
 at::Tensor sum_partials_op(const at::Tensor& partials, c10::IntArrayRef numels, int64_t chunk_size) {
@@ -183,11 +205,13 @@ TORCH_LIBRARY(fusedecay, m) {
   // Test helpers: plain CPU functions, no dispatch.
   m.def("_chunk_table(int[] numels, int chunk_size=0) -> Tensor", &fusedecay::chunk_table_op);
   m.def("_sum_partials(Tensor partials, int[] numels, int chunk_size=0) -> Tensor", &fusedecay::sum_partials_op);
+  m.def("_increment_steps_(Tensor(a!)[] steps) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fusedecay, CPU, m) {
   m.impl("adam_decay_", &fusedecay::adam_decay_cpu);
   m.impl("abs_sums_", &fusedecay::abs_sums_cpu);
+  m.impl("_increment_steps_", &fusedecay::increment_steps_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fusedecay, Meta, m) {

@@ -15,22 +15,31 @@ def test_paired_step_script_writes_rows_with_ratios_and_intervals(tmp_path):
     env = dict(os.environ, FUSEDECAY_BENCH_DEVICE="cpu", PYTHONPATH=os.path.join(REPO, "python"))
     env.pop("TRITON_INTERPRET", None)  # the benchmark never times the interpreter
     out = subprocess.run([sys.executable, os.path.join(BENCH, "bench_paired_step.py"), "--rounds", "3", "--warmup", "1",
-                          "--dtypes", "fp32", "--param-set", "many-small-0004", "--kernels", "adamhd-prox-ema,adamc",
+                          "--dtypes", "fp32", "--param-set", "gpt-tiny", "--kernels", "adamhd-prox-ema,adamc",
+                          "--state-bits", "32,8", "--sweep", "--sweep-counts", "4,16", "--sweep-total", "4096",
                           "--out-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     files = sorted(os.listdir(tmp_path))
     assert [os.path.splitext(f)[1] for f in files] == [".json", ".md"] and all(f.startswith("paired-") for f in files)
     data = json.load(open(tmp_path / next(f for f in files if f.endswith(".json"))))
-    rows = {(r["kernel"], r["backend"]): r for r in data["rows"]}
-    assert ("adamw", "torch-fused") in rows and ("copy", "torch") in rows and ("rmw", "torch") in rows
-    ours = [r for k, r in rows.items() if k[0] in ("adamhd-prox-ema", "adamc")]
-    assert ours, rows.keys()
+    rows = {(r["param_set"], r["kernel"], r["backend"], r["state_bits"]): r for r in data["rows"]}
+    assert {r["param_set"] for r in data["rows"]} == {"gpt-tiny", "split-4096-4", "split-4096-16"}
+    for ps in ("gpt-tiny", "split-4096-16"):
+        assert all((ps, *k, 32) in rows for k in (("adamw", "torch-fused"), ("copy", "torch"), ("rmw", "torch")))
+        assert rows[(ps, "adamw", "torch-fused", 32)]["ratio_vs_torch_fused"] == 1.0
+        assert 8 <= rows[(ps, "adamw", "torch-fused", 32)]["state_bytes_per_param"] < 8.1  # + step (and μ) per tensor
+    ours = [r for k, r in rows.items() if k[1] in ("adamhd-prox-ema", "adamc")]
+    assert len(ours) == 2 * 2 + 2 * 2, rows.keys()  # gpt-tiny at 32 and 8 bits, the sweep at 32 bits
     for r in ours:
         lo, hi = r["ratio_ci95"]
-        assert 0 < lo <= r["ratio_vs_torch_fused"] <= hi
-        assert r["bytes_per_step"] == r["numel"] * 28 and r["gbps"] > 0
-    assert rows[("adamw", "torch-fused")]["ratio_vs_torch_fused"] == 1.0
+        assert 0 < lo <= r["ratio_vs_torch_fused"] <= hi and r["gbps"] > 0
+        eight = r["state_bits"] == 8
+        assert r["bytes_per_step"] == r["numel"] * (16.125 if eight else 28)
+        # gpt-tiny's 8-bit tensors (all matrices, 98 % of its params) at 2.0625 B/param, the rest at 8
+        assert (2.0625 < r["state_bytes_per_param"] < 2.3) if eight else (8 <= r["state_bytes_per_param"] < 8.1)
     assert data["fusedecay_run"]["commit"]
+    md = open(tmp_path / next(f for f in files if f.endswith(".md"))).read()
+    assert "| state B/param |" in md and "| 8-bit |" in md
 
 
 def _fake_gpu_raw(path):

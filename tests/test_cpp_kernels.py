@@ -478,3 +478,35 @@ def test_abs_sums_op_matches_float64(dtype):
         torch.ops.fusedecay.abs_sums_(xs, torch.empty(2, dtype=math))
     torch.library.opcheck(torch.ops.fusedecay.abs_sums_.default, (xs[:3], torch.empty(3, dtype=math)), {},
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("decay", ["prox", "euler"])
+def test_non_finite_values_match_the_reference(decay):
+    """NaN and ±inf in grads and params, in vector lanes and in the scalar tail (17 elements): the same
+    non-finite positions as the reference, the finite values within tolerance (the vector clip takes
+    sign(x)·min(|x|, δ) on bit patterns; a NaN θ stays NaN however the clip treats it)."""
+    st = make_state([(17,), (33, 3)], torch.float32)
+    grads = make_grads([(17,), (33, 3)], 2, torch.float32)
+    for g in grads:
+        g[0][[0, 16]] = float("nan")
+        g[1][5, 1] = float("inf")
+    st.params[0][3] = float("nan")
+    st.params[1][7, 2] = -float("inf")
+    kw = hyper(decay, delta_fixed=0.05)
+    want = run_contract(adam_decay_reference, st.clone(), grads, delta_beta=None, **kw)
+    got = run_contract(kernel(), st.clone(), grads, delta_beta=None, **kw)
+    for name in ("params", "exp_avgs", "exp_avg_sqs"):
+        for a, b in zip(getattr(got, name), getattr(want, name)):
+            assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(torch.isinf(a), torch.isinf(b)), name
+            fin = torch.isfinite(b)
+            assert_close(a[fin], b[fin], dtype=torch.float32, msg=name)
+
+
+def test_increment_steps_op():
+    """The CPU step increment (functional.adam_decay's t ← t + 1 on the CPU) = torch's add of 1, and checks dtypes."""
+    steps = [torch.tensor(0.0), torch.tensor(16777216.0), torch.tensor(3.5)]
+    want = [s + 1 for s in steps]
+    torch.ops.fusedecay._increment_steps_(steps)
+    assert all(torch.equal(a, b) for a, b in zip(steps, want))
+    with pytest.raises(ValueError, match=r"steps\[1\]"):
+        torch.ops.fusedecay._increment_steps_([torch.tensor(1.0), torch.tensor(1.0, dtype=torch.float64)])

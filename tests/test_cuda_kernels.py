@@ -291,3 +291,62 @@ def test_params_on_two_gpus_with_one_grad_scaler(backend):
         for name in ("params", "exp_avgs", "exp_avg_sqs", "steps", "mus"):
             for a, b in zip(getattr(got, name), getattr(want, name)):
                 assert_close(a.to("cuda:0"), b, torch.float32, msg=name)
+
+
+# ---- 8-bit state (docs/state8.md) and the fused μ update ------------------------------------------
+
+@pytest.mark.parametrize("decay", ["l2", "prox", "euler"])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_size", [128, 0])
+def test_state8_matches_cpu_kernel_every_step(decay, param_dtype, chunk_size):
+    """From the same state each step, the CUDA 8-bit kernel and the CPU one (tested bit for bit against decode →
+    fp32 kernel → encode) agree: params, scales, Σ|θ| and μ to the fp32 tolerance (bf16 params: to one bf16
+    rounding), codes within 1 (a GPU may contract multiply-adds differently)."""
+    from test_state8 import Q_SHAPES, clone_state, grads_for, hyper as hyper8, q8_state, step_q8
+    st = q8_state(Q_SHAPES, seed=11, param_dtype=param_dtype)
+    for k in range(3):
+        grads = grads_for(Q_SHAPES, seed=60 + k, dtype=param_dtype)
+        want = clone_state(st)
+        s_want = step_q8(cpp.adam_decay, want, grads, **hyper8(decay))
+        got = {name: [x.to(DEV) for x in xs] for name, xs in st.items()}
+        s_got = step_q8(kernel(chunk_size), got, [g.to(DEV) for g in grads], **hyper8(decay))
+        assert_close(s_got.cpu(), s_want, dtype=torch.float32)
+        for name in want:
+            for x, y in zip(got[name], want[name]):
+                x = x.cpu()
+                if y.dtype in (torch.int8, torch.uint8):
+                    assert ((x.int() - y.int()).abs() <= 1).all(), name
+                elif y.dtype == torch.bfloat16:
+                    torch.testing.assert_close(x, y, rtol=2 ** -7, atol=1e-6)
+                else:
+                    assert_close(x, y, dtype=torch.float32, msg=name)
+        st = want
+
+
+def test_state8_found_inf_writes_nothing():
+    from test_state8 import Q_SHAPES, clone_state, grads_for, hyper as hyper8, q8_state, step_q8
+    st = {name: [x.to(DEV) for x in xs] for name, xs in q8_state(Q_SHAPES, seed=12).items()}
+    before = clone_state(st)
+    step_q8(kernel(), st, [g.to(DEV) for g in grads_for(Q_SHAPES)], found_inf=torch.tensor(1.0, device=DEV),
+            **hyper8("prox"))
+    for name in st:
+        assert all(torch.equal(x, y) for x, y in zip(st[name], before[name])), name
+
+
+def test_fused_mu_update_matches_update_delta_mu():
+    from fusedecay.functional import update_delta_mu
+    st = make_state(ODD_SHAPES, torch.float32, device=DEV)
+    grads = make_grads(ODD_SHAPES, 1, torch.float32, device=DEV)[0]
+    a, b = st.clone(), st.clone()
+    torch._foreach_add_(a.steps, 1)
+    torch._foreach_add_(b.steps, 1)
+    sa = torch.zeros(len(ODD_SHAPES), device=DEV)
+    sb = torch.zeros(len(ODD_SHAPES), device=DEV)
+    numels = [3 * p.numel() + 1 for p in st.params]
+    cpp.adam_decay(a.params, grads, a.exp_avgs, a.exp_avg_sqs, a.steps, a.mus, sa, delta_beta=0.9, numels=numels,
+                   **hyper("prox"))
+    cpp.adam_decay(b.params, grads, b.exp_avgs, b.exp_avg_sqs, b.steps, b.mus, sb, **hyper("prox"))
+    update_delta_mu(b.mus, sb, numels, 0.9)
+    assert torch.equal(sa, sb)
+    for x, y in zip(a.mus, b.mus):
+        assert_close(x, y, dtype=torch.float32)

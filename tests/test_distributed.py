@@ -164,6 +164,118 @@ def _assert_matches_reference(ref, ref_opt, sharded, opt):
 
 
 # ----------------------------------------------------------------------------------------------
+# 8-bit state (docs/state8.md): eligible matrices whose FSDP2 shards are uneven or empty
+# ----------------------------------------------------------------------------------------------
+
+class Net8(nn.Module):
+    """emb (37, 128): Shard(0) 19+18 rows; l1 (33, 128): 17+16; wide (3, 2048): 2+1 — all eligible for 8-bit
+    state (rows of 128·k elements, ≥ 4096 elements). l1's bias, head (1, 33) and its bias keep 32-bit state
+    (1-D / too small); rank 1 holds empty shards of the head. Embedding rows ≥ 11 never get a gradient: their
+    blocks stay all-zero (scale 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(37, 128)
+        self.l1 = nn.Linear(128, 33)
+        self.wide = nn.Parameter(torch.randn(3, 2048) * 0.02)
+        self.head = nn.Linear(33, 1)
+
+    def forward(self, idx):
+        h = self.emb(idx).mean(1)
+        return self.head(torch.tanh(self.l1(h))) + 0.1 * (h.repeat(1, 16) @ self.wide.t()).sum(1, keepdim=True)
+
+
+def _make_opt8(model, kind):
+    mats = [model.emb.weight, model.l1.weight, model.wide]
+    others = [model.l1.bias, model.head.weight, model.head.bias]
+    groups = [dict(params=mats, state_bits=8), dict(params=others, weight_decay=0.0)]
+    if kind == "adamc8":
+        return AdamC(groups, lr=0.03, weight_decay=0.5)
+    if kind == "adamhd8":
+        return AdamHD(groups, lr=0.03, weight_decay=0.5, delta_mode="fixed", delta=0.05)
+    if kind == "adamhd8_ema":
+        return AdamHD(groups, lr=0.03, weight_decay=0.5, delta_mode="ema", delta_beta=0.9)
+    raise ValueError(kind)
+
+
+def _fresh8(kind, seed=0, sharded=False):
+    """A Net8 (FSDP2-sharded or whole) initialised from ``seed`` and its optimizer."""
+    torch.manual_seed(seed)
+    model = Net8()
+    if sharded:
+        from torch.distributed.fsdp import fully_shard
+        model = fully_shard(model, mesh=_mesh())
+    return model, _make_opt8(model, kind)
+
+
+def _assert_state8_matches(ref, ref_opt, sharded, opt, exact):
+    """Params and state of the shards against the slices of the single-process run: bit for bit (``exact``),
+    or to the fp32 tolerance with codes within 1 (δ from an all-reduced Σ|θ|: summation order differs)."""
+    ref_params = dict(ref.named_parameters())
+    n8 = 0
+    for name, p in sharded.named_parameters():
+        rp = ref_params[name]
+        st, rst = opt.state[p], ref_opt.state[rp]
+        assert sorted(st) == sorted(rst), (name, sorted(st), sorted(rst))
+        n8 += "exp_avg_codes" in st
+        pairs = [("param", p, rp.detach())] + [(k, v, rst[k]) for k, v in st.items()]
+        for key, v, w in pairs:
+            if not fd.is_dtensor(v):
+                assert torch.equal(v, w) if exact else torch.allclose(v, w), f"{name}.{key}"
+                continue
+            assert v.placements == p.placements, (name, key)
+            local, want = v.to_local(), _slice(w, p)
+            if exact:
+                assert torch.equal(local, want), f"{name}.{key}"
+            elif local.dtype in (torch.int8, torch.uint8):
+                assert ((local.int() - want.int()).abs() <= 1).all(), f"{name}.{key}"
+            else:
+                assert_close(local, want, msg=f"{name}.{key}")
+    assert n8 == 3, n8
+
+
+def _train8(kind, steps, seed=0, rank=None, ckpt=None):
+    """(model, opt) after ``steps`` steps of ``kind`` on the shared batches: single process (rank None) or this
+    rank's FSDP2 shards; with ``ckpt`` the run starts from that DCP checkpoint (saved after step 2)."""
+    model, optim = _fresh8(kind, seed, sharded=rank is not None)
+    batches = _batches(4)
+    first = 0
+    if ckpt is not None:
+        _dcp_load(model, optim, ckpt)
+        first = 2
+    _train(model, optim, batches[first:steps], first, rank)
+    return model, optim
+
+
+def _dcp_save(model, opt, path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
+
+
+def _dcp_load(model, opt, path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(sd, checkpoint_id=path)
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, opt, sd["optim"])
+
+
+def _assert_same_run(a, a_opt, b, b_opt):
+    """Two single-process runs: params and every state tensor bit for bit."""
+    bp = dict(b.named_parameters())
+    for n, p in a.named_parameters():
+        assert torch.equal(p.detach(), bp[n].detach()), n
+        assert a_opt.state[p].keys() == b_opt.state[bp[n]].keys(), n
+        for k, v in a_opt.state[p].items():
+            assert torch.equal(v, b_opt.state[bp[n]][k]), f"{n}.{k}"
+
+
+# ----------------------------------------------------------------------------------------------
 # Checks (run inside the spawned workers)
 # ----------------------------------------------------------------------------------------------
 
@@ -495,6 +607,42 @@ def _check_nd_scionc_steps_match_closed_form(rank):
         assert_close(opt.state[p]["momentum_buffer"].to_local(), _slice(m, p), msg=f"momentum {tuple(p.shape)}")
 
 
+def _check_state8_parity(kind):
+    def check(rank):
+        ref, ref_opt = _train8(kind, STEPS)
+        sharded, opt = _train8(kind, STEPS, rank=rank)
+        _assert_state8_matches(ref, ref_opt, sharded, opt, exact=kind != "adamhd8_ema")
+    return check
+
+
+def _check_state8_dcp_from_one_process(ckpt_root):
+    """A checkpoint the single process saved (before the workers started) loads into the 2-rank FSDP2 run,
+    which then continues exactly like the 2-rank run that never stopped."""
+    def check(rank):
+        resumed, ropt = _train8("adamc8", 4, seed=1, rank=rank, ckpt=os.path.join(ckpt_root, "state8_ws1"))
+        ref, ref_opt = _train8("adamc8", 4)
+        _assert_state8_matches(ref, ref_opt, resumed, ropt, exact=True)
+    return check
+
+
+def _check_state8_dcp_save(ckpt_root):
+    """Saves the 2-rank run after 2 steps (test_state8_dcp_saved_by_2_ranks_loads_in_1_process loads it)."""
+    def check(rank):
+        model, opt = _train8("adamc8", 2, rank=rank)
+        _dcp_save(model, opt, os.path.join(ckpt_root, "state8_ws2"))
+    return check
+
+
+def _check_state8_needs_row_shards(rank):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    p = nn.Parameter(distribute_tensor(torch.randn(64, 128), _mesh(), [Shard(1)]))
+    opt = AdamC([p], lr=0.1, state_bits=8)
+    p.grad = distribute_tensor(torch.randn(64, 128), _mesh(), [Shard(1)])
+    with pytest.raises(NotImplementedError, match="Shard\\(0\\) or Replicate"):
+        opt.step()
+
+
 def _checks(ckpt_root):
     checks = {f"parity_{k}": _check_parity(k) for k in ("adamhd", "adamhd_mean", "adamc", "scionc")}
     checks.update({f"parity_hsdp_{k}": _check_parity(k, hsdp=True) for k in ("adamhd", "scionc")})
@@ -509,6 +657,10 @@ def _checks(ckpt_root):
     checks["nd_sharded_lmo"] = _check_nd_sharded_lmo_is_the_polar_factor
     checks["nd_scionc_steps"] = _check_nd_scionc_steps_match_closed_form
     checks.update({f"dcp_switch_{k}": _check_dcp_switch_from_adamw(k, ckpt_root) for k in ("adamhd", "adamc")})
+    checks.update({f"state8_{k}": _check_state8_parity(k) for k in ("adamc8", "adamhd8", "adamhd8_ema")})
+    checks["state8_dcp_from_1"] = _check_state8_dcp_from_one_process(ckpt_root)
+    checks["state8_dcp_save"] = _check_state8_dcp_save(ckpt_root)
+    checks["state8_row_shards"] = _check_state8_needs_row_shards
     return checks
 
 
@@ -532,8 +684,12 @@ def _worker(rank, out_dir):
 
 
 @pytest.fixture(scope="module")
-def results():
+def spawned():
+    """(per-rank results, the run's directory); before spawning, the single process saves the 8-bit
+    checkpoint the workers load (a DCP checkpoint written at world size 1)."""
     with tempfile.TemporaryDirectory() as out_dir:
+        model, opt = _train8("adamc8", 2)
+        _dcp_save(model, opt, os.path.join(out_dir, "ckpt", "state8_ws1"))
         ctx = mp.spawn(_worker, args=(out_dir,), nprocs=WORLD, join=False)
         try:
             import time
@@ -549,7 +705,12 @@ def results():
         for r in range(WORLD):
             with open(os.path.join(out_dir, f"rank{r}.json")) as f:
                 per_rank.append(json.load(f))
-        yield per_rank
+        yield per_rank, out_dir
+
+
+@pytest.fixture(scope="module")
+def results(spawned):
+    return spawned[0]
 
 
 def _assert_ok(results, name):
@@ -619,6 +780,31 @@ def test_sharded_nd_weights_get_the_per_matrix_polar_factor(results):
 
 def test_fsdp2_expert_stacks_scionc_steps_match_closed_form(results):
     _assert_ok(results, "nd_scionc_steps")
+
+
+@pytest.mark.parametrize("kind", ["adamc8", "adamhd8", "adamhd8_ema"])
+def test_state8_fsdp2_gives_the_single_process_codes(results, kind):
+    """8-bit codes, scales, params of uneven/empty shards = the single process's, bit for bit (AdamC, fixed δ);
+    with δ from an all-reduced Σ|θ| to the fp32 tolerance and codes within 1."""
+    _assert_ok(results, f"state8_{kind}")
+
+
+def test_state8_dcp_saved_by_1_process_loads_at_2_ranks(results):
+    _assert_ok(results, "state8_dcp_from_1")
+
+
+def test_state8_dcp_saved_by_2_ranks_loads_in_1_process(spawned):
+    """The 2-rank checkpoint (after 2 steps) loaded by one process: the same state as the single-process
+    run at step 2, and the same run afterwards."""
+    per_rank, out_dir = spawned
+    _assert_ok(per_rank, "state8_dcp_save")
+    resumed, ropt = _train8("adamc8", 4, seed=1, ckpt=os.path.join(out_dir, "ckpt", "state8_ws2"))
+    ref, ref_opt = _train8("adamc8", 4)
+    _assert_same_run(resumed, ropt, ref, ref_opt)
+
+
+def test_state8_needs_shard0_or_replicate(results):
+    _assert_ok(results, "state8_row_shards")
 
 
 # -- single-process (no spawn) -------------------------------------------------------------------

@@ -278,3 +278,54 @@ def test_switch_keeps_the_optimizers_own_group_objects():
     groups = opt.param_groups
     opt.load_state_dict(first.state_dict())
     assert opt.param_groups is groups and opt.param_groups[0]["lr"] is lr
+
+
+def _state8_run():
+    """AdamHD with 8-bit moments on an eligible matrix (2 × 4096) after K steps, and its state dict."""
+    p = torch.nn.Parameter(torch.randn(2, 4096, generator=torch.Generator().manual_seed(3)))
+    opt = AdamHD([p], lr=0.01, weight_decay=0.1, state_bits=8)
+    for t in range(K):
+        p.grad = _grads(t, [p])[0]
+        opt.step()
+    assert "exp_avg_codes" in opt.state[p]
+    return p, opt.state_dict()
+
+
+@pytest.mark.parametrize("target", ["adamc", "torch-adamw"])
+def test_switch_from_8bit_state_carries_the_decoded_moments(target):
+    """AdamHD's 8-bit moments switch into AdamC (full precision) or torch's AdamW as their decoded values
+    (codes × scales, the storage contract), with the step; μ is dropped."""
+    from fusedecay.reference import state8
+
+    p, sd = _state8_run()
+    st = sd["state"][0]
+    want_m = state8.dequantize_exp_avg(st["exp_avg_codes"], st["exp_avg_scales"])
+    want_v = state8.dequantize_exp_avg_sq(st["exp_avg_sq_codes"], st["exp_avg_sq_scales"])
+    q = torch.nn.Parameter(p.detach().clone())
+    if target == "adamc":
+        new = AdamC([q], lr=0.01, weight_decay=0.1)
+        new.load_state_dict(sd)
+    else:
+        new = torch.optim.AdamW([q], lr=0.01)
+        fusedecay.load_adam_state(new, sd)
+    got = new.state[q]
+    assert set(got) == {"step", "exp_avg", "exp_avg_sq"}
+    assert torch.equal(got["exp_avg"], want_m) and torch.equal(got["exp_avg_sq"], want_v)
+    assert float(got["step"]) == K
+    assert want_m.abs().sum() > 0
+
+
+def test_state_with_moments_in_two_formats_raises_and_changes_nothing():
+    p, sd = _state8_run()
+    opt = AdamHD([p], lr=0.01, weight_decay=0.1, state_bits=8)
+    opt.load_state_dict(sd)
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    bad = {"state": {0: dict(sd["state"][0], exp_avg=torch.zeros(2, 4096), exp_avg_sq=torch.zeros(2, 4096))},
+           "param_groups": sd["param_groups"]}
+    with pytest.raises(ValueError, match="two formats"):
+        opt.load_state_dict(bad)
+    half = {"state": {0: {k: v for k, v in sd["state"][0].items() if k != "exp_avg_sq_scales"}},
+            "param_groups": sd["param_groups"]}
+    with pytest.raises(ValueError, match=r"lacks \['exp_avg_sq_scales'\]"):
+        opt.load_state_dict(half)
+    assert all(torch.equal(opt.state[p][k], v) for k, v in before.items())

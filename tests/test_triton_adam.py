@@ -443,12 +443,13 @@ sys.path.insert(0, sys.argv[1])
 from fusedecay.triton_kernels import adam_decay as K
 scalars = ("lr_value", "max_lr_value", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps",
            "weight_decay", "delta_fixed", "delta_scale")
-for p_dt, m_dt, aligned in ((tl.float32, tl.float32, True), (tl.bfloat16, tl.float32, True),
-                            (tl.bfloat16, tl.bfloat16, True), (tl.float32, tl.float32, False)):
-    const = dict(P_DTYPE=p_dt, G_DTYPE=p_dt, M_DTYPE=m_dt, V_DTYPE=m_dt, DECAY=1, DELTA_FROM_MU=True, LR_IS_PTR=True,
+for p_dt, m_dt, v_dt, aligned in ((tl.float32, tl.float32, tl.float32, True), (tl.bfloat16, tl.float32, tl.float32, True),
+                                  (tl.bfloat16, tl.bfloat16, tl.bfloat16, True), (tl.float32, tl.int8, tl.uint8, True),
+                                  (tl.float32, tl.float32, tl.float32, False)):
+    const = dict(P_DTYPE=p_dt, G_DTYPE=p_dt, M_DTYPE=m_dt, V_DTYPE=v_dt, DECAY=1, DELTA_FROM_MU=True, LR_IS_PTR=True,
                  CORRECTED=True, MAX_LR_IS_PTR=False, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, BIAS_CORRECTION=True,
                  LOG2_BETA1=-0.152, LOG2_BETA2=-0.00144, MAXIMIZE=False, WRITE_ABS=True, ALIGNED=aligned,
-                 BLOCK=K.DEFAULT_BLOCK)
+                 QUANT=m_dt == tl.int8, BLOCK=K.DEFAULT_BLOCK)
     sig = {a: ("fp32" if a in scalars else "i32" if a in ("n_tensors", "block_map_offset") else
                "*i64" if a == "meta_ptr" else "*fp32") for a in K._adam_decay_kernel.arg_names if a not in const}
     sig.update({k: "constexpr" for k in const})
@@ -463,8 +464,8 @@ for p_dt, m_dt, aligned in ((tl.float32, tl.float32, True), (tl.bfloat16, tl.flo
 
 @pytest.mark.slow
 def test_kernel_lowers_to_ptx_with_vector_accesses(tmp_path):
-    """Without a GPU: compile the kernel for sm_90 (PTX only); check 16-byte loads/stores when aligned and
-    IEEE-rounded division and square root."""
+    """Without a GPU: compile the kernel for sm_90 (PTX only), 8-bit state included; check 16-byte loads/stores
+    when aligned and IEEE-rounded division and square root."""
     import subprocess
     import sys
     if CUDA:
@@ -479,9 +480,113 @@ def test_kernel_lowers_to_ptx_with_vector_accesses(tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
-    assert [ln.split()[:2] for ln in lines if not ln.startswith("ieee")] == [["True", "True"]] * 3 + [["False", "False"]]
+    assert [ln.split()[:2] for ln in lines if not ln.startswith("ieee")] == [["True", "True"]] * 4 + [["False", "False"]]
     ieee = [ln for ln in lines if ln.startswith("ieee")]
-    assert len(ieee) == 4 and all(ln.split()[1] == "True" for ln in ieee), ieee
+    assert len(ieee) == 5 and all(ln.split()[1] == "True" for ln in ieee), ieee
+
+
+# ------------------------------------------------------------------------------------------------
+# 8-bit state (docs/state8.md) and the fused μ update
+# ------------------------------------------------------------------------------------------------
+
+def _q8_on_device(st):
+    return {k: [x.to(DEVICE) for x in v] for k, v in st.items()}
+
+
+def _triton8(*args, **kw):
+    """The Triton kernel with 128-element blocks: the same Σ|θ| partials for 8-bit and fp32 state."""
+    return K.adam_decay(*args, block_size=128, **kw)
+
+
+@pytest.mark.parametrize("decay", ["l2", "prox", "euler"])
+def test_state8_step_is_decode_fp32_step_encode(decay):
+    """QUANT runs the fp32 kernel's element math between csrc/state8.h's decode and encode: bit for bit under
+    the interpreter (codes within 1 where a GPU may contract differently)."""
+    from test_state8 import Q_SHAPES, clone_state, grads_for, hyper, q8_state, step_q8, step_via_fp32
+    st = _q8_on_device(q8_state(Q_SHAPES))
+    a, b = clone_state(st), clone_state(st)
+    for k in range(3):
+        grads = [x.to(DEVICE) for x in grads_for(Q_SHAPES, seed=30 + k)]
+        kw = hyper(decay, maximize=k == 1)
+        sa = step_q8(_triton8, a, grads, **kw)
+        sb = step_via_fp32(_triton8, b, grads, **kw)
+        for name in a:
+            for i, (x, y) in enumerate(zip(a[name], b[name])):
+                if INTERPRET:
+                    assert torch.equal(x, y), f"step {k}: {name}[{i}]"
+                elif x.dtype in (torch.int8, torch.uint8):
+                    assert ((x.int() - y.int()).abs() <= 1).all()
+                else:
+                    assert_close(x, y, dtype=torch.float32)
+        assert_close(sa, sb, dtype=torch.float32)
+
+
+def test_state8_matches_reference_and_cpu_kernel():
+    """One step from the same state: the reference (and the CPU kernel, when built) agree with Triton to the
+    fp32 tolerance on params, scales, Σ|θ| and μ, and to ±1 on codes."""
+    from test_state8 import Q_SHAPES, clone_state, grads_for, hyper, q8_state, step_q8
+    impls = {"reference": adam_decay_reference}
+    if "cpu" in backends.available_backends():
+        impls["cpu"] = backends.available_backends()["cpu"].adam_decay
+    st = q8_state(Q_SHAPES, seed=4)
+    grads = grads_for(Q_SHAPES, seed=40)
+    got = _q8_on_device(clone_state(st))
+    s_got = step_q8(_triton8, got, [g.to(DEVICE) for g in grads], **hyper("prox"))
+    for name, impl in impls.items():
+        want = clone_state(st)
+        s_want = step_q8(impl, want, grads, **hyper("prox"))
+        assert_close(s_got.cpu(), s_want, dtype=torch.float32, msg=name)
+        for key in want:
+            for x, y in zip(got[key], want[key]):
+                x = x.cpu()
+                if y.dtype in (torch.int8, torch.uint8):
+                    assert ((x.int() - y.int()).abs() <= 1).all(), (name, key)
+                else:
+                    assert_close(x, y, dtype=torch.float32, msg=f"{name}: {key}")
+
+
+def test_state8_ties_round_to_even_codes():
+    from test_state8 import step_q8, tie_case
+    st, grads, kw, (want_m, want_v) = tie_case(DEVICE)
+    step_q8(_triton8, st, grads, **kw)
+    assert torch.equal(st["exp_avgs"][0].cpu(), want_m) and torch.equal(st["exp_avg_sqs"][0].cpu(), want_v)
+
+
+def test_state8_errors_name_the_argument():
+    from test_state8 import q8_state
+    st = _q8_on_device(q8_state([(1, 128)]))
+    args = (st["params"], [torch.zeros_like(st["params"][0])], st["exp_avgs"], st["exp_avg_sqs"], st["steps"], None,
+            None)
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decay="l2", delta_fixed=None,
+              delta_scale=1.0, max_lr=None, bias_correction=True, maximize=False)
+    with pytest.raises(ValueError, match="8-bit codes need exp_avg_scales"):
+        K.adam_decay(*args, **kw)
+    with pytest.raises(ValueError, match=r"exp_avg_scales\[0\]"):
+        K.adam_decay(*args, exp_avg_scales=[st["exp_avg_scales"][0][:, :0]], exp_avg_sq_scales=st["exp_avg_sq_scales"],
+                     **kw)
+
+
+@pytest.mark.parametrize("with_found_inf", [False, True])
+def test_fused_mu_update_is_update_delta_mu(with_found_inf):
+    """μ updated in the reduction kernel = functional.update_delta_mu on the sums it writes (exact in the
+    interpreter), skipped when found_inf is set; global sizes via numels."""
+    params, m, v, steps, mus = _state(SHAPES, seed=50)
+    grads = _tensors(SHAPES, seed=51)
+    numels = [2 * max(p.numel(), 1) + 3 for p in params]
+    fi = torch.tensor(1.0 if with_found_inf else 0.0, device=DEVICE)
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decay="prox", delta_fixed=None,
+              delta_scale=1.0, max_lr=None, bias_correction=True, maximize=False, found_inf=fi)
+    b = [_clone(x) for x in (params, m, v, steps, mus)]
+    sa, sb = (torch.zeros(len(SHAPES), device=DEVICE) for _ in range(2))
+    K.adam_decay(params, grads, m, v, steps, mus, sa, delta_beta=0.9, numels=numels, **kw)
+    K.adam_decay(b[0], grads, b[1], b[2], b[3], b[4], sb, **kw)
+    F.update_delta_mu(b[4], sb, numels, 0.9, fi)
+    assert torch.equal(sa, sb)
+    for x, y in zip(mus, b[4]):
+        if INTERPRET:
+            assert torch.equal(x, y)
+        else:
+            assert_close(x, y, dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,7 +10,13 @@ tensors (one device, one param dtype) in two launches:
    (math in fp32, storage in the tensors' own dtypes) and writes Σ|θ_t| of its block into a partials
    buffer. Full blocks take an unmasked path so loads/stores vectorise; the tail block is masked.
 2. ``_ordered_abs_sum_kernel`` — one program per tensor sums that tensor's block partials in block
-   order: Σ|θ_t| per tensor with a fixed reduction order, so reruns are bit-identical (no atomics).
+   order: Σ|θ_t| per tensor with a fixed reduction order, so reruns are bit-identical (no atomics); with
+   ``delta_beta`` it also updates δ's μ from that sum (AdamHD Eq. 8–9), so δ tracking adds no launch.
+
+8-bit state (docs/state8.md, ``exp_avg_scales`` given): the moments are int8/uint8 codes with one float32
+scale per 128 elements. The same kernel (constexpr ``QUANT``) sees its block as rows of 128 elements,
+decodes, runs the same element math, takes each row's maxima and encodes — csrc/state8.h's formulas in
+tl ops (integer ops on bit patterns, IEEE-rounded products).
 
 The metadata buffer is built on the host once per distinct set of tensors and cached, keyed on
 data pointers, sizes and dtypes: steady-state steps copy nothing host→device. On a miss it is uploaded
@@ -33,6 +39,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._device import on_device
+from .state8 import (QBLOCK, QBLOCK_C, decode_exp_avg, decode_exp_avg_sq, encode_exp_avg, encode_exp_avg_sq,
+                     row_max_abs)
 
 DECAY_IDS = {"l2": 0, "prox": 1, "euler": 2}
 
@@ -41,10 +49,11 @@ DEFAULT_NUM_WARPS = 8
 REDUCE_BLOCK = 256
 CACHE_SIZE = 64  # distinct tensor sets whose metadata stays on the device (see docs/triton.md)
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-# Rows of the pointer table, in order.
-_ROWS = ("param", "grad", "exp_avg", "exp_avg_sq", "step", "delta_mu", "numel")
-
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+              torch.int8: tl.int8, torch.uint8: tl.uint8}
+# Rows of the pointer table, in order (scales: 8-bit state only; mu_numel: n of μ's update).
+_ROWS = ("param", "grad", "exp_avg", "exp_avg_sq", "step", "delta_mu", "numel", "exp_avg_scale", "exp_avg_sq_scale",
+         "mu_numel")
 
 # ------------------------------------------------------------------------------------------------
 # Kernels
@@ -77,27 +86,36 @@ def _clip(x, d):
 
 
 @triton.jit
-def _adam_decay_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, lr, tau, delta, grad_mul, inv_bc1, inv_sqrt_bc2,
-                      beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+def _adam_decay_block(p_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, offs, rows, n, lr, tau, delta, grad_mul, inv_bc1,
+                      inv_sqrt_bc2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
                       DECAY: tl.constexpr, SCALE_GRAD: tl.constexpr, MASKED: tl.constexpr,
-                      WRITE_ABS: tl.constexpr):
+                      WRITE_ABS: tl.constexpr, QUANT: tl.constexpr):
     """Update one block in place; returns Σ|θ_t| over it (0 when not WRITE_ABS).
 
     The arithmetic is csrc/adam_decay_math.h's (the CUDA and CPU kernels'), with IEEE-rounded division
     and square root (tl.div_rn / tl.sqrt_rn: Triton's ``/`` and ``tl.sqrt`` are approximate and flush
-    subnormals, which with eps = 0 turns a subnormal v into an infinite step).
+    subnormals, which with eps = 0 turns a subnormal v into an infinite step). With QUANT, ``offs`` is
+    [rows, QBLOCK] and ``rows`` the block-row indices of the scales; m and v are decoded before and
+    encoded after (csrc/state8.h).
     """
     if MASKED:
         mask = offs < n
         theta = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)   # θ_{t−1}
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=mask, other=0)
+        v = tl.load(v_ptr + offs, mask=mask, other=0)
     else:
         theta = tl.load(p_ptr + offs).to(tl.float32)
         g = tl.load(g_ptr + offs).to(tl.float32)
-        m = tl.load(m_ptr + offs).to(tl.float32)
-        v = tl.load(v_ptr + offs).to(tl.float32)
+        m = tl.load(m_ptr + offs)
+        v = tl.load(v_ptr + offs)
+    if QUANT:  # codes → moments: m = sign(c)·V(|c|)·s_m, √v = V(c)·s_w, v = (√v)²
+        row_mask = rows * QBLOCK_C < n
+        m = decode_exp_avg(m, tl.load(ms_ptr + rows, mask=row_mask, other=0.0))
+        v = decode_exp_avg_sq(v, tl.load(vs_ptr + rows, mask=row_mask, other=0.0))
+    else:
+        m = m.to(tl.float32)
+        v = v.to(tl.float32)
     if SCALE_GRAD:
         g = g * grad_mul                                     # ±1/grad_scale (GradScaler, maximize)
     m = beta1 * m + one_minus_beta1 * g                      # m_t
@@ -112,6 +130,21 @@ def _adam_decay_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, lr, tau, delta, grad_
         new = y - tau * _clip(q, delta)
     else:             # euler (AdamHD Eq. 12): θ − γu − τ·clip(θ, −δ, δ)
         new = theta - step - tau * _clip(theta, delta)
+    if QUANT:  # moments → codes, scales = the rows' maxima of |m| and √v
+        w = tl.sqrt_rn(v)
+        if MASKED:
+            m = tl.where(mask, m, 0.0)
+            w = tl.where(mask, w, 0.0)
+        s_m = row_max_abs(m)
+        s_w = row_max_abs(w)
+        m = encode_exp_avg(m, s_m)
+        v = encode_exp_avg_sq(w, s_w)
+        if MASKED:
+            tl.store(ms_ptr + rows, s_m, mask=row_mask)
+            tl.store(vs_ptr + rows, s_w, mask=row_mask)
+        else:
+            tl.store(ms_ptr + rows, s_m)
+            tl.store(vs_ptr + rows, s_w)
     # Storage rounding happens here (bf16 params / moments); Σ|θ_t| is taken of the stored value.
     new_p = new.to(p_ptr.dtype.element_ty)
     if MASKED:
@@ -127,6 +160,16 @@ def _adam_decay_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, lr, tau, delta, grad_
         a = tl.abs(new_p.to(tl.float32))
         if MASKED:
             a = tl.where(mask, a, 0.0)
+        total = _sum_all(a, QUANT)
+    return total
+
+
+@triton.jit
+def _sum_all(a, TWO_D: tl.constexpr):
+    """Sum of a 1-D block, or of a [rows, QBLOCK] block (8-bit state)."""
+    if TWO_D:
+        total = tl.sum(tl.sum(a, axis=1), axis=0)
+    else:
         total = tl.sum(a, axis=0)
     return total
 
@@ -141,7 +184,7 @@ def _adam_decay_kernel(meta_ptr, partials_ptr, lr_ptr, lr_value, max_lr_ptr, max
                        HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
                        BIAS_CORRECTION: tl.constexpr, LOG2_BETA1: tl.constexpr, LOG2_BETA2: tl.constexpr,
                        MAXIMIZE: tl.constexpr, WRITE_ABS: tl.constexpr, ALIGNED: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       QUANT: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     # Scalar arguments are fp32 on a GPU; the interpreter hands over Python floats: pin them to fp32.
     beta1 = tl.cast(beta1, tl.float32)
@@ -160,7 +203,16 @@ def _adam_decay_kernel(meta_ptr, partials_ptr, lr_ptr, lr_value, max_lr_ptr, max
     v_ptr = _tensor_ptr(meta_ptr + 3 * n_tensors, tid, V_DTYPE, ALIGNED)
     step_ptr = _tensor_ptr(meta_ptr + 4 * n_tensors, tid, tl.float32, False)
     n = tl.load(meta_ptr + 6 * n_tensors + tid)
-    offs = chunk * BLOCK + tl.arange(0, BLOCK)  # int64: tensors may exceed 2^31 elements
+    if QUANT:  # the block as rows of QBLOCK elements, one scale per row
+        rows = chunk * (BLOCK // QBLOCK_C) + tl.arange(0, BLOCK // QBLOCK_C)
+        offs = rows[:, None] * QBLOCK_C + tl.arange(0, QBLOCK_C)[None, :]  # int64
+        ms_ptr = _tensor_ptr(meta_ptr + 7 * n_tensors, tid, tl.float32, False)
+        vs_ptr = _tensor_ptr(meta_ptr + 8 * n_tensors, tid, tl.float32, False)
+    else:
+        rows = chunk
+        offs = chunk * BLOCK + tl.arange(0, BLOCK)  # int64: tensors may exceed 2^31 elements
+        ms_ptr = step_ptr  # not read
+        vs_ptr = step_ptr
 
     # Per-step scalars, read from device memory and forced to fp32.
     if LR_IS_PTR:
@@ -203,23 +255,25 @@ def _adam_decay_kernel(meta_ptr, partials_ptr, lr_ptr, lr_value, max_lr_ptr, max
         total = tl.full((), 0.0, tl.float32)
         if WRITE_ABS:
             mask = offs < n
-            total = tl.sum(tl.abs(tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)), axis=0)
+            total = _sum_all(tl.abs(tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)), QUANT)
     elif full:
-        total = _adam_decay_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, lr, tau, delta, grad_mul, inv_bc1,
-                                  inv_sqrt_bc2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, DECAY,
-                                  HAS_GRAD_SCALE or MAXIMIZE, False, WRITE_ABS)
+        total = _adam_decay_block(p_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, offs, rows, n, lr, tau, delta, grad_mul,
+                                  inv_bc1, inv_sqrt_bc2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, DECAY,
+                                  HAS_GRAD_SCALE or MAXIMIZE, False, WRITE_ABS, QUANT)
     else:
-        total = _adam_decay_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, lr, tau, delta, grad_mul, inv_bc1,
-                                  inv_sqrt_bc2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, DECAY,
-                                  HAS_GRAD_SCALE or MAXIMIZE, True, WRITE_ABS)
+        total = _adam_decay_block(p_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, offs, rows, n, lr, tau, delta, grad_mul,
+                                  inv_bc1, inv_sqrt_bc2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, DECAY,
+                                  HAS_GRAD_SCALE or MAXIMIZE, True, WRITE_ABS, QUANT)
     if WRITE_ABS:
         tl.store(partials_ptr + pid, total)
 
 
-@triton.jit(do_not_specialize=["first_block_offset", "out_index_offset"])
-def _ordered_abs_sum_kernel(partials_ptr, meta_ptr, first_block_offset, out_index_offset, out_ptr,
-                            RBLOCK: tl.constexpr):
-    """out[out_index[t]] = Σ partials[first_block[t] : first_block[t+1]], in a fixed order."""
+@triton.jit(do_not_specialize=["n_tensors", "first_block_offset", "out_index_offset"])
+def _ordered_abs_sum_kernel(partials_ptr, meta_ptr, n_tensors, first_block_offset, out_index_offset, out_ptr,
+                            found_inf_ptr, mu_beta, mu_one_minus_beta, UPDATE_MU: tl.constexpr,
+                            HAS_FOUND_INF: tl.constexpr, RBLOCK: tl.constexpr):
+    """out[out_index[t]] = Σ partials[first_block[t] : first_block[t+1]], in a fixed order; with UPDATE_MU
+    also μ_t ← β0·μ_t + (1 − β0)·Σ/n_t (unless found_inf), the roundings of functional.update_delta_mu."""
     t = tl.program_id(0)
     lo = tl.load(meta_ptr + first_block_offset + t)
     hi = tl.load(meta_ptr + first_block_offset + t + 1)
@@ -228,7 +282,18 @@ def _ordered_abs_sum_kernel(partials_ptr, meta_ptr, first_block_offset, out_inde
         offs = start + tl.arange(0, RBLOCK)
         acc += tl.load(partials_ptr + offs, mask=offs < hi, other=0.0)
     dst = tl.load(meta_ptr + out_index_offset + t)
-    tl.store(out_ptr + dst, tl.sum(acc, axis=0))
+    total = tl.sum(acc, axis=0)
+    tl.store(out_ptr + dst, total)
+    if UPDATE_MU:
+        skip = False
+        if HAS_FOUND_INF:
+            skip = tl.load(found_inf_ptr).to(tl.float32) != 0.0
+        if not skip:
+            mu_ptr = _tensor_ptr(meta_ptr + 5 * n_tensors, t, tl.float32, False)
+            n = tl.load(meta_ptr + 9 * n_tensors + t).to(tl.float32)
+            beta = tl.cast(mu_beta, tl.float32)
+            one_minus_beta = tl.cast(mu_one_minus_beta, tl.float32)
+            tl.store(mu_ptr, tl.load(mu_ptr) * beta + tl.div_rn(total, n) * one_minus_beta)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,14 +303,15 @@ def _ordered_abs_sum_kernel(partials_ptr, meta_ptr, first_block_offset, out_inde
 class _Plan:
     """One launch: tensors sharing (param, grad, exp_avg, exp_avg_sq) dtypes, and their device metadata.
 
-    ``meta`` (int64, on the device) = [7 rows × n pointer table | first_block (n+1) | out_index (n) |
+    ``meta`` (int64, on the device) = [len(_ROWS) rows × n pointer table | first_block (n+1) | out_index (n) |
     block map (2 × n_blocks)]; ``partials`` holds one fp32 Σ|θ| per block.
     """
 
     __slots__ = ("meta", "partials", "n_tensors", "n_blocks", "first_block_offset", "out_index_offset",
-                 "block_map_offset", "dtypes", "aligned", "has_mu", "block", "host", "stream")
+                 "block_map_offset", "dtypes", "aligned", "has_mu", "block", "host", "stream", "quant")
 
-    def __init__(self, meta, partials, n_tensors, n_blocks, dtypes, aligned, has_mu, block, host=None, stream=None):
+    def __init__(self, meta, partials, n_tensors, n_blocks, dtypes, aligned, has_mu, block, host=None, stream=None,
+                 quant=False):
         self.meta, self.partials = meta, partials
         # The pinned host copy of ``meta`` (CUDA): a copy captured in a CUDA graph re-reads it at every
         # replay, so it lives as long as the plan. ``stream``: where meta/partials were allocated.
@@ -254,7 +320,7 @@ class _Plan:
         self.first_block_offset = len(_ROWS) * n_tensors
         self.out_index_offset = self.first_block_offset + n_tensors + 1
         self.block_map_offset = self.out_index_offset + n_tensors
-        self.dtypes, self.aligned, self.has_mu, self.block = dtypes, aligned, has_mu, block
+        self.dtypes, self.aligned, self.has_mu, self.block, self.quant = dtypes, aligned, has_mu, block, quant
 
 
 _PLAN_CACHE: "OrderedDict[tuple, List[_Plan]]" = OrderedDict()
@@ -300,12 +366,15 @@ def _flat_ok(p: Tensor, g: Tensor, m: Tensor, v: Tensor) -> bool:
     return order is not None and all(_storage_order(x) == order for x in (g, m, v))
 
 
-def _check_tensors(device, params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus) -> None:
-    """Validation done when metadata is (re)built; a cache hit implies the same tensors passed it."""
+def _check_tensors(device, params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, scales=None) -> None:
+    """Validation done when metadata is (re)built; a cache hit implies the same tensors passed it.
+    ``scales``: (exp_avg_scales, exp_avg_sq_scales) of 8-bit state, or None."""
     n = len(params)
     lists = [("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), ("state_steps", state_steps)]
     if delta_mus is not None:
         lists.append(("delta_mus", delta_mus))
+    if scales is not None:
+        lists += [("exp_avg_scales", scales[0]), ("exp_avg_sq_scales", scales[1])]
     for name, lst in lists:
         if len(lst) != n:
             raise ValueError(f"{name} has {len(lst)} entries for {n} params")
@@ -329,21 +398,40 @@ def _check_tensors(device, params, grads, exp_avgs, exp_avg_sqs, state_steps, de
                              f"{state_steps[i].dtype} of shape {tuple(state_steps[i].shape)}")
         if delta_mus is not None and (delta_mus[i].dtype != torch.float32 or delta_mus[i].numel() != 1):
             raise ValueError(f"delta_mus[{i}] must be a one-element float32 tensor, got {delta_mus[i].dtype}")
+        codes = (exp_avgs[i].dtype, exp_avg_sqs[i].dtype)
+        if scales is None:
+            if torch.int8 in codes or torch.uint8 in codes:
+                raise ValueError(f"exp_avgs[{i}]: 8-bit codes need exp_avg_scales and exp_avg_sq_scales")
+            continue
+        if codes != (torch.int8, torch.uint8):
+            raise ValueError(f"exp_avgs[{i}]: 8-bit state needs int8 exp_avg and uint8 exp_avg_sq codes, got {codes}")
+        if p.numel() % QBLOCK or not (exp_avgs[i].is_contiguous() and exp_avg_sqs[i].is_contiguous()):
+            raise ValueError(f"params[{i}]: 8-bit state needs a multiple of {QBLOCK} elements and contiguous codes")
+        for name, sc in (("exp_avg_scales", scales[0][i]), ("exp_avg_sq_scales", scales[1][i])):
+            if sc.dtype != torch.float32 or sc.numel() != p.numel() // QBLOCK or not sc.is_contiguous():
+                raise ValueError(f"{name}[{i}]: expected a contiguous float32 tensor of {p.numel() // QBLOCK} "
+                                 f"elements, got {sc.dtype} of shape {tuple(sc.shape)}")
 
 
-def _build_plans(device, params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, block) -> List[_Plan]:
-    _check_tensors(device, params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus)
+def _build_plans(device, params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, block, scales=None,
+                 mu_numels=None) -> List[_Plan]:
+    _check_tensors(device, params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, scales)
     groups: "OrderedDict[tuple, List[int]]" = OrderedDict()
     for i in range(len(params)):
         groups.setdefault((grads[i].dtype, exp_avgs[i].dtype, exp_avg_sqs[i].dtype), []).append(i)
     plans = []
     for (g_dt, m_dt, v_dt), idx in groups.items():
         n = len(idx)
+        plan_block = max(block, QBLOCK) if scales is not None else block  # whole scale rows per program
         cols = [(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], state_steps[i],
                  delta_mus[i] if delta_mus is not None else None) for i in idx]
         rows = [[c[r].data_ptr() if c[r] is not None else 0 for c in cols] for r in range(6)]
         numels = torch.tensor([params[i].numel() for i in idx], dtype=torch.int64)
         rows.append(numels.tolist())
+        for k in range(2):
+            rows.append([scales[k][i].data_ptr() for i in idx] if scales is not None else [0] * n)
+        rows.append([max(int(mu_numels[i] if mu_numels is not None else params[i].numel()), 1) for i in idx])
+        block = plan_block
         blocks = (numels + block - 1) // block
         first_block = torch.zeros(n + 1, dtype=torch.int64)
         torch.cumsum(blocks, 0, out=first_block[1:])
@@ -377,35 +465,39 @@ def _build_plans(device, params, grads, exp_avgs, exp_avg_sqs, state_steps, delt
         aligned = all(ptr % 16 == 0 for r in range(4) for ptr in rows[r])
         dtypes = (_TL_DTYPES[params[idx[0]].dtype], _TL_DTYPES[g_dt], _TL_DTYPES[m_dt], _TL_DTYPES[v_dt])
         plans.append(_Plan(meta, partials, n, n_blocks, dtypes, aligned, delta_mus is not None, block,
-                           host if device.type == "cuda" else None, stream))
+                           host if device.type == "cuda" else None, stream, scales is not None))
     return plans
 
 
 _DTYPE_OF = operator.attrgetter("dtype")
 
 
-def _cache_key(device, block, params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus) -> tuple:
+def _cache_key(device, block, params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, scales=None,
+               mu_numels=None) -> tuple:
     """Addresses, sizes and dtypes: everything the metadata encodes (map() keeps this ~1 µs/tensor)."""
     ptr = Tensor.data_ptr
     return (device, block, tuple(map(ptr, params)), tuple(map(ptr, grads)), tuple(map(ptr, exp_avgs)),
             tuple(map(ptr, exp_avg_sqs)), tuple(map(ptr, state_steps)),
             tuple(map(ptr, delta_mus)) if delta_mus is not None else None, tuple(map(Tensor.numel, params)),
             tuple(map(_DTYPE_OF, params)), tuple(map(_DTYPE_OF, grads)), tuple(map(_DTYPE_OF, exp_avgs)),
-            tuple(map(_DTYPE_OF, exp_avg_sqs)))
+            tuple(map(_DTYPE_OF, exp_avg_sqs)),
+            None if scales is None else (tuple(map(ptr, scales[0])), tuple(map(ptr, scales[1]))),
+            None if mu_numels is None else tuple(mu_numels))
 
 
 _NUMEL_FIELD = 8  # position of the params' sizes in the key above
 
 
 def _plans_for(device, block, params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, cache: bool,
-               capturing: bool = False):
+               capturing: bool = False, scales=None, mu_numels=None):
+    tensors = (params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus)
     if not cache:
-        plans = _build_plans(device, params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, block)
+        plans = _build_plans(device, *tensors, block, scales, mu_numels)
     else:
-        key = _cache_key(device, block, params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus)
+        key = _cache_key(device, block, *tensors, scales, mu_numels)
         plans = _PLAN_CACHE.get(key)
         if plans is None:
-            plans = _build_plans(device, params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, block)
+            plans = _build_plans(device, *tensors, block, scales, mu_numels)
             # A plan built during a capture holds no data until the graph is first replayed (its upload is only
             # recorded): it serves that graph alone and never an eager step or another capture.
             if not capturing:
@@ -415,7 +507,7 @@ def _plans_for(device, block, params, grads, exp_avgs, exp_avg_sqs, state_steps,
         else:
             # The key holds the params' sizes; a grad of another size at a recycled address must not pass.
             if tuple(map(Tensor.numel, grads)) != key[_NUMEL_FIELD]:
-                _check_tensors(device, params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus)
+                _check_tensors(device, *tensors, scales)
             _PLAN_CACHE.move_to_end(key)
     if capturing:
         _keep_for_graph(plans)
@@ -468,11 +560,14 @@ def adam_decay(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
                lr, beta1: float, beta2: float, eps: float, weight_decay: float, decay: str,
                delta_fixed: Optional[float], delta_scale: float, max_lr, bias_correction: bool, maximize: bool,
                grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+               exp_avg_scales: Optional[List[Tensor]] = None, exp_avg_sq_scales: Optional[List[Tensor]] = None,
+               delta_beta: Optional[float] = None, numels: Optional[List[int]] = None,
                block_size: Optional[int] = None, num_warps: Optional[int] = None) -> None:
     """Multi-tensor AdamHD/AdamC step with the semantics of ``adam_decay_reference`` (see module doc).
 
     All params must share one device and dtype (fp32/bf16/fp16; fp32 only under TRITON_INTERPRET).
-    ``block_size`` (a power of two) and ``num_warps`` are tuning knobs; defaults suit bandwidth-bound GPUs.
+    ``block_size`` (a power of two; at least 128 with 8-bit state) and ``num_warps`` are tuning knobs;
+    defaults suit bandwidth-bound GPUs.
     """
     if not params:
         return
@@ -490,12 +585,22 @@ def adam_decay(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
         raise ValueError(f"abs_sums must have one slot per param on {device}, got shape {tuple(abs_sums.shape)} "
                          f"on {abs_sums.device}")
     mus = delta_mus if delta_from_mu else None
+    if (exp_avg_scales is None) != (exp_avg_sq_scales is None):
+        raise ValueError("exp_avg_scales and exp_avg_sq_scales must be given together")
+    scales = None if exp_avg_scales is None else (list(exp_avg_scales), list(exp_avg_sq_scales))
+    if delta_beta is not None and (not delta_from_mu or abs_sums is None):
+        raise ValueError("Invalid delta_beta: the fused μ update needs decay 'prox'/'euler' with δ from μ, and "
+                         "abs_sums")
+    mu_numels = None if numels is None or delta_beta is None else [int(k) for k in numels]
 
-    # Params whose layout can't be walked flat get contiguous stand-ins, copied back after the launch.
+    # Params whose layout can't be walked flat get contiguous stand-ins, copied back after the launch
+    # (8-bit blocks are defined in row-major order: their params must be contiguous).
     contiguous = Tensor.is_contiguous
     if all(map(contiguous, params)) and all(map(contiguous, grads)) and all(map(contiguous, exp_avgs)) \
             and all(map(contiguous, exp_avg_sqs)):
         staged = []
+    elif scales is not None:
+        staged = [i for i in range(len(params)) if not (params[i].is_contiguous() and grads[i].is_contiguous())]
     else:
         staged = [i for i in range(len(params)) if not _flat_ok(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i])]
     if staged:
@@ -516,7 +621,7 @@ def adam_decay(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
         log2_beta1, log2_beta2 = _log2_beta("beta1", beta1), _log2_beta("beta2", beta2)
         warps = int(num_warps or DEFAULT_NUM_WARPS)
         plans = _plans_for(device, block, params, grads, exp_avgs, exp_avg_sqs, state_steps, mus,
-                           cache=not staged, capturing=capturing)
+                           cache=not staged, capturing=capturing, scales=scales, mu_numels=mu_numels)
         for plan in plans:
             dummy = plan.partials  # stands in for pointer arguments a specialization never reads
             if plan.n_blocks > 0:
@@ -532,10 +637,14 @@ def adam_decay(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
                     CORRECTED=corrected, MAX_LR_IS_PTR=max_lr_t is not None, HAS_GRAD_SCALE=gs_t is not None,
                     HAS_FOUND_INF=fi_t is not None, BIAS_CORRECTION=bool(bias_correction),
                     LOG2_BETA1=log2_beta1, LOG2_BETA2=log2_beta2, MAXIMIZE=bool(maximize),
-                    WRITE_ABS=abs_sums is not None, ALIGNED=plan.aligned, BLOCK=plan.block, num_warps=warps)
+                    WRITE_ABS=abs_sums is not None, ALIGNED=plan.aligned, QUANT=plan.quant, BLOCK=plan.block,
+                    num_warps=warps)
             if abs_sums is not None:
-                _ordered_abs_sum_kernel[(plan.n_tensors,)](plan.partials, plan.meta, plan.first_block_offset,
-                                                           plan.out_index_offset, abs_sums, RBLOCK=REDUCE_BLOCK)
+                beta = float(delta_beta) if delta_beta is not None else 0.0
+                _ordered_abs_sum_kernel[(plan.n_tensors,)](
+                    plan.partials, plan.meta, plan.n_tensors, plan.first_block_offset, plan.out_index_offset, abs_sums,
+                    fi_t if fi_t is not None else plan.partials, beta, 1.0 - beta, UPDATE_MU=delta_beta is not None,
+                    HAS_FOUND_INF=fi_t is not None, RBLOCK=REDUCE_BLOCK)
 
     if staged:
         for i, p, m, v in originals:

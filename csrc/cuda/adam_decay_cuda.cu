@@ -10,15 +10,19 @@
 //      partials in chunk order (sum_partials, the same function the CPU path calls).
 // Three operations regardless of the tensor count. Scalars that may change between CUDA-graph
 // replays (lr, max_lr, step, μ, grad_scale, found_inf) are read in the kernel from device memory.
+// With the fused μ update (hyper.update_mu) step 3 also updates δ's μ from the sum it wrote.
+// 8-bit moment state (csrc/state8.h) runs adam_decay_q8_kernel in step 2: one warp per 128-element block.
 #include <cuda_runtime.h>
 
 #include <cstring>
 #include <mutex>
+#include <type_traits>
 #include <string>
 #include <vector>
 
 #include "../adam_decay_math.h"
 #include "../chunk_table.h"
+#include "../state8.h"
 #include "adam_decay_cuda.h"
 
 namespace fusedecay {
@@ -131,13 +135,104 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
+// 8-bit moments: each warp takes whole 128-element blocks of the chunk (4 consecutive elements per lane),
+// decodes them with the block's scales, runs adam_decay_element, takes the block maxima of |m| and √v with
+// warp shuffles (integer max of the bit patterns: the same value in any order) and encodes. Chunks start on
+// block boundaries and 8-bit tensors hold whole blocks (the glue checks both).
+template <typename P, int D>
+__device__ __forceinline__ float update_range_q8(P* __restrict__ p, const P* __restrict__ g, int8_t* __restrict__ cm,
+                                                 uint8_t* __restrict__ cv, float* __restrict__ sm,
+                                                 float* __restrict__ sw, int64_t len, const StepScalars<float>& s) {
+  constexpr int kPerLane = state8::kBlock / 32;
+  constexpr int kWarps = kBlock / 32;
+  const int lane = threadIdx.x & 31;
+  float acc = 0.0f;
+  for (int64_t b = threadIdx.x >> 5; b * state8::kBlock < len; b += kWarps) {
+    const int64_t i0 = b * state8::kBlock + lane * kPerLane;
+    const float old_sm = sm[b], old_sw = sw[b];
+    float m[kPerLane], w[kPerLane];
+    uint32_t bm = 0, bw = 0;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      const int64_t i = i0 + j;
+      float mj = state8::decode_exp_avg<int32_t>(cm[i], old_sm);
+      float vj = state8::decode_exp_avg_sq<int32_t>(cv[i], old_sw);
+      const float th = adam_decay_element<D, float>(widen(p[i]), widen(g[i]), mj, vj, s);
+      const P stored = narrow<P>(th);
+      p[i] = stored;
+      acc += fd_abs(widen(stored));
+      m[j] = mj;
+      w[j] = fd_sqrt(vj);
+      bm = max(bm, state8::abs_bits(mj));
+      bw = max(bw, state8::abs_bits(w[j]));
+    }
+    for (int off = 16; off > 0; off >>= 1) {
+      bm = max(bm, __shfl_xor_sync(0xffffffffu, bm, off));
+      bw = max(bw, __shfl_xor_sync(0xffffffffu, bw, off));
+    }
+    const float new_sm = bits_to_float(bm), new_sw = bits_to_float(bw);
+    const float rm = state8::encode_factor(new_sm), rw = state8::encode_factor(new_sw);
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      cm[i0 + j] = static_cast<int8_t>(state8::encode_exp_avg<float>(m[j], rm));
+      cv[i0 + j] = static_cast<uint8_t>(state8::encode_exp_avg_sq<float>(w[j], rw));
+    }
+    __syncwarp();  // every lane has read the old scales before lane 0 overwrites them
+    if (lane == 0) {
+      sm[b] = new_sm;
+      sw[b] = new_sw;
+    }
+  }
+  return acc;
+}
+
+template <typename P>
+__global__ void __launch_bounds__(kBlock)
+    adam_decay_q8_kernel(const TensorMeta* __restrict__ metas, const ChunkRef* __restrict__ chunks,
+                         int64_t chunk_size, const KernelScalars<float> ks, double* __restrict__ partials) {
+  const ChunkRef c = chunks[blockIdx.x];
+  const TensorMeta& t = metas[c.tensor];
+  const int64_t start = chunk_begin(c, chunk_size);
+  const int64_t len = chunk_length(c, t.numel, chunk_size);
+  P* p = static_cast<P*>(t.param) + start;
+  float acc = 0.0f;
+  if (should_skip(ks)) {
+    for (int64_t i = threadIdx.x; i < len; i += kBlock) acc += fd_abs(widen(p[i]));
+  } else {
+    const float mu = t.mu != nullptr ? *static_cast<const float*>(t.mu) : 0.0f;
+    const StepScalars<float> s = make_step_scalars<float>(ks, *t.step, mu);
+    const P* g = static_cast<const P*>(t.grad) + start;
+    int8_t* cm = static_cast<int8_t*>(t.exp_avg) + start;
+    uint8_t* cv = static_cast<uint8_t*>(t.exp_avg_sq) + start;
+    float* sm = t.exp_avg_scale + start / state8::kBlock;
+    float* sw = t.exp_avg_sq_scale + start / state8::kBlock;
+    switch (ks.hyper.decay) {  // uniform over the grid
+      case kDecayL2: acc = update_range_q8<P, kDecayL2>(p, g, cm, cv, sm, sw, len, s); break;
+      case kDecayProx: acc = update_range_q8<P, kDecayProx>(p, g, cm, cv, sm, sw, len, s); break;
+      default: acc = update_range_q8<P, kDecayEuler>(p, g, cm, cv, sm, sw, len, s); break;
+    }
+  }
+  if (partials != nullptr) {
+    const double total = block_sum(static_cast<double>(acc));
+    if (threadIdx.x == 0) partials[blockIdx.x] = total;
+  }
+}
+
+// Level 2 of Σ|θ| per tensor and, with hyper.update_mu, δ's μ from it (unless found_inf): the step's
+// update kernel has finished reading μ by the time this kernel runs (same stream).
 template <typename T>
 __global__ void reduce_abs_sums_kernel(const TensorMeta* __restrict__ metas, int64_t num_tensors,
-                                       const double* __restrict__ partials, T* __restrict__ abs_sums) {
+                                       const double* __restrict__ partials, T* __restrict__ abs_sums,
+                                       const KernelScalars<T> ks) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= num_tensors) return;
   const TensorMeta& t = metas[i];
-  abs_sums[t.out_index] = static_cast<T>(sum_partials(partials, t.first_chunk, t.num_chunks));
+  const T sum = static_cast<T>(sum_partials(partials, t.first_chunk, t.num_chunks));
+  abs_sums[t.out_index] = sum;
+  if (ks.hyper.update_mu && !should_skip(ks)) {
+    T* mu = static_cast<T*>(t.mu);
+    *mu = delta_mu_next<T>(*mu, sum, static_cast<T>(t.mu_numel), ks.hyper);
+  }
 }
 
 // ---- work-table upload ----------------------------------------------------------------------
@@ -222,17 +317,25 @@ const char* upload_table(const LaunchParams& lp, cudaStream_t stream, size_t byt
   return st == cudaSuccess ? nullptr : fail("cudaEventRecord", st);
 }
 
+// Marker for the 8-bit moment state in launch_typed's M parameter.
+struct Q8State {};
+
 template <typename P, typename M, typename T>
 void launch_typed(const LaunchParams& lp, const TensorMeta* d_metas, const ChunkRef* d_chunks, cudaStream_t stream) {
   const KernelScalars<T>& ks = *static_cast<const KernelScalars<T>*>(lp.scalars);
+  double* partials = lp.abs_sums != nullptr ? lp.partials : nullptr;
   if (lp.num_chunks > 0) {
-    adam_decay_kernel<P, M, T><<<static_cast<unsigned>(lp.num_chunks), kBlock, 0, stream>>>(
-        d_metas, d_chunks, lp.chunk_size, ks, lp.abs_sums != nullptr ? lp.partials : nullptr);
+    const unsigned grid = static_cast<unsigned>(lp.num_chunks);
+    if constexpr (std::is_same<M, Q8State>::value) {
+      adam_decay_q8_kernel<P><<<grid, kBlock, 0, stream>>>(d_metas, d_chunks, lp.chunk_size, ks, partials);
+    } else {
+      adam_decay_kernel<P, M, T><<<grid, kBlock, 0, stream>>>(d_metas, d_chunks, lp.chunk_size, ks, partials);
+    }
   }
   if (lp.abs_sums != nullptr) {
     const unsigned blocks = static_cast<unsigned>((lp.num_tensors + kReduceBlock - 1) / kReduceBlock);
     reduce_abs_sums_kernel<T><<<blocks, kReduceBlock, 0, stream>>>(d_metas, lp.num_tensors, lp.partials,
-                                                                   static_cast<T*>(lp.abs_sums));
+                                                                   static_cast<T*>(lp.abs_sums), ks);
   }
 }
 
@@ -248,14 +351,17 @@ const char* launch_adam_decay(const LaunchParams& lp) {
   const ChunkRef* d_chunks = reinterpret_cast<const ChunkRef*>(static_cast<const char*>(lp.device_table) +
                                                                static_cast<size_t>(lp.num_tensors) * sizeof(TensorMeta));
   const bool mb = lp.moment_kind == kStoreBF16;
+  const bool q8 = lp.moment_kind == kStoreQ8;
   switch (lp.param_kind) {
     case kStoreF32:
-      mb ? launch_typed<float, BF16, float>(lp, d_metas, d_chunks, stream)
-         : launch_typed<float, float, float>(lp, d_metas, d_chunks, stream);
+      q8   ? launch_typed<float, Q8State, float>(lp, d_metas, d_chunks, stream)
+      : mb ? launch_typed<float, BF16, float>(lp, d_metas, d_chunks, stream)
+           : launch_typed<float, float, float>(lp, d_metas, d_chunks, stream);
       break;
     case kStoreBF16:
-      mb ? launch_typed<BF16, BF16, float>(lp, d_metas, d_chunks, stream)
-         : launch_typed<BF16, float, float>(lp, d_metas, d_chunks, stream);
+      q8   ? launch_typed<BF16, Q8State, float>(lp, d_metas, d_chunks, stream)
+      : mb ? launch_typed<BF16, BF16, float>(lp, d_metas, d_chunks, stream)
+           : launch_typed<BF16, float, float>(lp, d_metas, d_chunks, stream);
       break;
     case kStoreF64:
       if (lp.moment_kind != kStoreF64) return "float64 params need float64 moments";

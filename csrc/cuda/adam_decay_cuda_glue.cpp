@@ -18,9 +18,9 @@ namespace {
 template <typename T>
 void launch_cuda(Prepared& prep, const ScalarInputs& sc, const std::optional<at::Tensor>& abs_sums, double beta1,
                  double beta2, double eps, double weight_decay, std::optional<double> delta_fixed, double delta_scale,
-                 bool bias_correction, bool maximize, cudaStream_t stream) {
+                 bool bias_correction, bool maximize, std::optional<double> delta_beta, cudaStream_t stream) {
   const KernelScalars<T> ks = make_kernel_scalars<T>(prep, sc, beta1, beta2, eps, weight_decay, delta_fixed,
-                                                     delta_scale, bias_correction, maximize);
+                                                     delta_scale, bias_correction, maximize, delta_beta);
   const auto on_device = at::TensorOptions().device(prep.device);
   for (const LaunchGroup& gr : prep.groups) {
     const int64_t n = static_cast<int64_t>(gr.metas.size());
@@ -32,7 +32,7 @@ void launch_cuda(Prepared& prep, const ScalarInputs& sc, const std::optional<at:
     if (abs_sums.has_value()) partials = at::empty({std::max<int64_t>(nc, 1)}, on_device.dtype(at::kDouble));
     cuda::LaunchParams lp;
     lp.param_kind = storage_kind(prep.param_dtype);
-    lp.moment_kind = storage_kind(gr.moment_dtype);
+    lp.moment_kind = moment_kind(gr.moment_dtype);
     lp.device = prep.device.index();
     lp.stream = stream;
     lp.chunk_size = prep.chunk_size;
@@ -56,10 +56,13 @@ void adam_decay_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      std::optional<double> delta_fixed, double delta_scale, std::optional<double> max_lr,
                      const std::optional<at::Tensor>& max_lr_tensor, bool bias_correction, bool maximize,
                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                     int64_t chunk_size) {
+                     int64_t chunk_size, std::optional<at::TensorList> exp_avg_scales,
+                     std::optional<at::TensorList> exp_avg_sq_scales, std::optional<double> delta_beta,
+                     std::optional<c10::IntArrayRef> mu_numels) {
   check_hyper(beta1, beta2, eps, weight_decay, delta_scale, delta_fixed, max_lr);
   Prepared prep = prepare_adam_decay(params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, abs_sums,
-                                     std::string(decay), delta_fixed, chunk_size, c10::DeviceType::CUDA);
+                                     std::string(decay), delta_fixed, chunk_size, c10::DeviceType::CUDA,
+                                     exp_avg_scales, exp_avg_sq_scales, delta_beta, mu_numels);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(prep.device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(prep.device.index()).stream();
@@ -78,10 +81,10 @@ void adam_decay_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   const ScalarInputs sc = prepare_scalars(prep, lr, lr_tensor, max_lr, max_lr_tensor, grad_scale, found_inf);
   if (prep.math_dtype == at::kDouble) {
     launch_cuda<double>(prep, sc, abs_sums, beta1, beta2, eps, weight_decay, delta_fixed, delta_scale,
-                        bias_correction, maximize, stream);
+                        bias_correction, maximize, delta_beta, stream);
   } else {
     launch_cuda<float>(prep, sc, abs_sums, beta1, beta2, eps, weight_decay, delta_fixed, delta_scale,
-                       bias_correction, maximize, stream);
+                       bias_correction, maximize, delta_beta, stream);
   }
   prep.finish();
 }

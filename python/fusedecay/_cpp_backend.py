@@ -66,10 +66,12 @@ def _split(x, name: str):
 
 def adam_decay(params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, abs_sums, *, lr, beta1, beta2, eps,
                weight_decay, decay, delta_fixed, delta_scale, max_lr, bias_correction, maximize, grad_scale=None,
-               found_inf=None, chunk_size: int = 0) -> None:
+               found_inf=None, exp_avg_scales=None, exp_avg_sq_scales=None, delta_beta=None, numels=None,
+               chunk_size: int = 0) -> None:
     """The multi-tensor contract of :func:`fusedecay.reference.adam_decay_reference`, on the compiled op.
 
-    ``chunk_size`` (elements per work unit; 0 = the default 65536) only changes the work split.
+    ``chunk_size`` (elements per work unit; 0 = the default 65536; a multiple of 128 with 8-bit state) only
+    changes the work split.
     """
     if not params:
         return
@@ -84,7 +86,11 @@ def adam_decay(params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, abs
         weight_decay=float(weight_decay), decay=decay,
         delta_fixed=None if delta_fixed is None else float(delta_fixed), delta_scale=float(delta_scale),
         max_lr=max_lr_value, max_lr_tensor=max_lr_tensor, bias_correction=bool(bias_correction),
-        maximize=bool(maximize), grad_scale=grad_scale, found_inf=found_inf, chunk_size=int(chunk_size))
+        maximize=bool(maximize), grad_scale=grad_scale, found_inf=found_inf, chunk_size=int(chunk_size),
+        exp_avg_scales=None if exp_avg_scales is None else list(exp_avg_scales),
+        exp_avg_sq_scales=None if exp_avg_sq_scales is None else list(exp_avg_sq_scales),
+        delta_beta=None if delta_beta is None else float(delta_beta),
+        mu_numels=None if numels is None else [int(k) for k in numels])
 
 
 def abs_sum(x: Tensor) -> Tensor:

@@ -67,7 +67,7 @@ def flag(name: str, x) -> None:
         raise TypeError(f"Invalid {name}: expected True or False, got {x!r}")
 
 
-_REAL_FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+REAL_FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 
 
 def grad_ok(p: Tensor) -> None:
@@ -79,7 +79,7 @@ def grad_ok(p: Tensor) -> None:
     if g.shape != p.shape or g.device != p.device:
         raise ValueError(f"its grad has shape {tuple(g.shape)} on {g.device}, the param shape {tuple(p.shape)} "
                          f"on {p.device}")
-    if g.layout is torch.strided and p.dtype in _REAL_FLOAT_DTYPES and g.dtype in _REAL_FLOAT_DTYPES:
+    if g.layout is torch.strided and p.dtype in REAL_FLOAT_DTYPES and g.dtype in REAL_FLOAT_DTYPES:
         return  # the common case, checked with attribute reads only (this runs per param per step)
     if g.is_sparse or g.layout != torch.strided:
         raise TypeError("fusedecay optimizers do not support sparse gradients (param.grad is sparse)")

@@ -148,28 +148,36 @@ def init_delta_mu(param: Tensor, backend: str = "auto") -> Tensor:
 def adam_decay(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                state_steps: List[Tensor], delta_mus: Optional[List[Tensor]], *,
                numels: Optional[Sequence[int]] = None, abs_sum_reduce: Optional[Callable[[Tensor], Tensor]] = None,
-               **kwargs) -> None:
+               exp_avg_scales: Optional[Sequence[Optional[Tensor]]] = None,
+               exp_avg_sq_scales: Optional[Sequence[Optional[Tensor]]] = None, **kwargs) -> None:
     """:func:`fusedecay.functional.adam_decay` for lists that may hold DTensors.
 
     Params are split by layout (mesh, placements); each part runs the functional step on local
     views, with global numels and one all-reduce of Σ|θ| per bucket. ``numels``/``abs_sum_reduce``
-    given by the caller apply to the plain-tensor part only (a DTensor knows its own).
+    given by the caller apply to the plain-tensor part only (a DTensor knows its own). 8-bit state
+    (``exp_avg_scales``) runs on the local codes and scales: its blocks are whole dim-0 rows, so a
+    ``Shard(0)`` shard holds whole blocks and the numerics do not depend on the world size.
     """
     pick = lambda lst, idx: None if lst is None else [lst[i] for i in idx]  # noqa: E731
     for key, idx in _group_indices(params).items():
         if key is None:
             F.adam_decay(pick(params, idx), pick(grads, idx), pick(exp_avgs, idx), pick(exp_avg_sqs, idx),
                          pick(state_steps, idx), pick(delta_mus, idx), numels=pick(numels, idx),
-                         abs_sum_reduce=abs_sum_reduce, **kwargs)
+                         abs_sum_reduce=abs_sum_reduce, exp_avg_scales=pick(exp_avg_scales, idx),
+                         exp_avg_sq_scales=pick(exp_avg_sq_scales, idx), **kwargs)
             continue
         ps = [params[i] for i in idx]
+        scales = lambda lst, what: None if lst is None else [  # noqa: E731
+            None if lst[i] is None else _local_like(lst[i], params[i], what) for i in idx]
         F.adam_decay([p.to_local() for p in ps],
                      [_local_like(grads[i], params[i], "grad") for i in idx],
                      [_local_like(exp_avgs[i], params[i], "exp_avg") for i in idx],
                      [_local_like(exp_avg_sqs[i], params[i], "exp_avg_sq") for i in idx],
                      [local(state_steps[i]) for i in idx],
                      None if delta_mus is None else [local(delta_mus[i]) for i in idx],
-                     numels=[p.numel() for p in ps], abs_sum_reduce=_all_reduce_over(_shard_groups(key)), **kwargs)
+                     numels=[p.numel() for p in ps], abs_sum_reduce=_all_reduce_over(_shard_groups(key)),
+                     exp_avg_scales=scales(exp_avg_scales, "exp_avg_scales"),
+                     exp_avg_sq_scales=scales(exp_avg_sq_scales, "exp_avg_sq_scales"), **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------

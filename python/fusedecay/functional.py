@@ -2,12 +2,13 @@
 optimizer classes, the distributed wrappers and the benchmarks call.
 
 :func:`adam_decay` runs one AdamHD/AdamC step over lists of tensors:
-  1. t ← t + 1 for every state step (one foreach launch);
-  2. per (device, dtype) bucket, the chosen backend's multi-tensor kernel does moments, preconditioned
-     step, decay and writes Σ|θ_t| per tensor — one pass over parameter memory;
-  3. if δ tracks the weights (``delta_mode`` "mean" or "ema"), μ ← β0·μ + (1 − β0)·Σ|θ_t|/numel for all
-     tensors at once (a few tiny launches, no host sync). ``abs_sum_reduce`` lets a sharded caller
-     all-reduce the partial sums first (one collective for all layers).
+  1. t ← t + 1 for every state step (one foreach launch; on the CPU one call into the extension);
+  2. per (device, dtype, state format) bucket, the chosen backend's multi-tensor kernel does moments,
+     preconditioned step, decay and writes Σ|θ_t| per tensor — one pass over parameter memory. Moments
+     are full precision, or 8-bit codes + block scales (docs/state8.md) for the entries given scales;
+  3. if δ tracks the weights (``delta_mode`` "mean" or "ema"), μ ← β0·μ + (1 − β0)·Σ|θ_t|/numel: inside the
+     kernel's reduction stage (no extra launch), or — when ``abs_sum_reduce`` must all-reduce the partial
+     sums of a sharded caller first (one collective for all layers) — after it, for all tensors at once.
 
 :func:`scionc` runs one ScionC step: momentum, LMO (``lmo_fn`` lets a caller replace how directions
 are computed, e.g. batched or distributed Newton–Schulz), then the decayed update.
@@ -28,10 +29,16 @@ DELTA_MODES = ("ema", "mean", "fixed")
 UPDATES = ("prox", "euler")
 
 
-def _buckets(tensors: Sequence[Tensor]) -> Dict[Tuple[torch.device, torch.dtype], List[int]]:
-    out: Dict[Tuple[torch.device, torch.dtype], List[int]] = defaultdict(list)
-    for i, t in enumerate(tensors):
-        out[(t.device, t.dtype)].append(i)
+def _buckets(tensors: Sequence[Tensor], scales: Optional[Sequence[Optional[Tensor]]] = None
+             ) -> Dict[Tuple[torch.device, torch.dtype, bool], List[int]]:
+    """Indices per (device, dtype, 8-bit state?): one kernel call each."""
+    out: Dict[Tuple[torch.device, torch.dtype, bool], List[int]] = defaultdict(list)
+    if scales is None:
+        for i, t in enumerate(tensors):
+            out[(t.device, t.dtype, False)].append(i)
+    else:
+        for i, (t, s) in enumerate(zip(tensors, scales)):
+            out[(t.device, t.dtype, s is not None)].append(i)
     return out
 
 
@@ -61,12 +68,16 @@ def adam_decay(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
                max_lr: Optional[Union[float, Tensor]] = None, bias_correction: bool = True, maximize: bool = False,
                backend: str = "auto", grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
                numels: Optional[Sequence[int]] = None,
-               abs_sum_reduce: Optional[Callable[[Tensor], Tensor]] = None) -> None:
+               abs_sum_reduce: Optional[Callable[[Tensor], Tensor]] = None,
+               exp_avg_scales: Optional[Sequence[Optional[Tensor]]] = None,
+               exp_avg_sq_scales: Optional[Sequence[Optional[Tensor]]] = None) -> None:
     """One step of Adam with decoupled decay over lists of tensors (see module docstring).
 
     ``decay``: "l2" (AdamW/AdamC), "prox" or "euler" (AdamHD). ``max_lr`` not None turns on the
     corrected coefficient λ_t = λ·γ_t/γ_max. ``numels`` are the sizes the means divide by (the global
-    sizes for sharded tensors); default: each tensor's own numel.
+    sizes for sharded tensors); default: each tensor's own numel. ``exp_avg_scales``/``exp_avg_sq_scales``:
+    per param, None (full-precision moments) or the float32 block scales of 8-bit state, whose
+    ``exp_avgs``/``exp_avg_sqs`` entries are then the int8/uint8 codes (docs/state8.md).
     """
     if not params:
         return
@@ -80,31 +91,51 @@ def adam_decay(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
     tracks = decay != "l2" and delta_mode != "fixed"
     if tracks and (delta_mus is None or len(delta_mus) != n):
         raise ValueError("delta_mode 'mean'/'ema' needs one delta_mu per param")
+    if (exp_avg_scales is None) != (exp_avg_sq_scales is None):
+        raise ValueError("exp_avg_scales and exp_avg_sq_scales must be given together")
+    for name, lst in (("exp_avg_scales", exp_avg_scales), ("exp_avg_sq_scales", exp_avg_sq_scales)):
+        if lst is not None and len(lst) != n:
+            raise ValueError(f"{name} has {len(lst)} entries for {n} params")
     delta_fixed = delta if (decay != "l2" and delta_mode == "fixed") else None
-
-    torch._foreach_add_(state_steps, 1)
+    mu_beta = 0.0 if delta_mode == "mean" else delta_beta
 
     on = _PerDevice()
-    for (device, dtype), idx in _buckets(params).items():
+    for (device, dtype, quantized), idx in _buckets(params, exp_avg_scales).items():
         impl = _backends.resolve(backend, device, dtype).adam_decay
         sub = lambda lst: [lst[i] for i in idx]  # noqa: E731
+        _increment_steps(sub(state_steps), device)
         abs_sums = torch.empty(len(idx), dtype=_mu_dtype(dtype), device=device) if tracks else None
+        sizes = None
+        if tracks and (numels is not None or abs_sum_reduce is not None):
+            sizes = [numels[i] if numels is not None else params[i].numel() for i in idx]
         # GradScaler keeps grad_scale / found_inf on one device; params on other GPUs get asynchronous
         # device-to-device copies (once per device and step), as torch's fused optimizers do.
         fi = on(found_inf, device)
+        # μ's update runs in the kernel's reduction stage unless the sums must be all-reduced first.
+        fused_mu = tracks and abs_sum_reduce is None
         impl(sub(params), sub(grads), sub(exp_avgs), sub(exp_avg_sqs), sub(state_steps),
              sub(delta_mus) if tracks else None, abs_sums, lr=on(lr, device), beta1=beta1, beta2=beta2, eps=eps,
              weight_decay=weight_decay, decay=decay, delta_fixed=delta_fixed, delta_scale=delta_scale,
              max_lr=on(max_lr, device), bias_correction=bias_correction, maximize=maximize,
-             grad_scale=on(grad_scale, device), found_inf=fi)
-        if tracks:
-            if abs_sum_reduce is not None:
-                abs_sums = abs_sum_reduce(abs_sums)
-            sizes = [numels[i] if numels is not None else params[i].numel() for i in idx]
-            update_delta_mu(sub(delta_mus), abs_sums, sizes, 0.0 if delta_mode == "mean" else delta_beta, fi)
+             grad_scale=on(grad_scale, device), found_inf=fi,
+             exp_avg_scales=sub(exp_avg_scales) if quantized else None,
+             exp_avg_sq_scales=sub(exp_avg_sq_scales) if quantized else None,
+             delta_beta=mu_beta if fused_mu else None, numels=sizes if fused_mu else None)
+        if tracks and not fused_mu:
+            update_delta_mu(sub(delta_mus), abs_sum_reduce(abs_sums), sizes, mu_beta, fi)
         if fi is not None:
             steps = sub(state_steps)  # on the bucket's device, like fi
             torch._foreach_sub_(steps, [fi.to(torch.float32)] * len(steps))
+
+
+def _increment_steps(steps: List[Tensor], device: torch.device) -> None:
+    """t ← t + 1 for one bucket's step counters (on its params' device). On the CPU the compiled extension does
+    it in one call; torch's foreach add there is a loop of small ops (~1.4 µs per tensor)."""
+    op = getattr(torch.ops.fusedecay, "_increment_steps_", None) if device.type == "cpu" else None
+    if op is not None:
+        op(steps)
+    else:
+        torch._foreach_add_(steps, 1)
 
 
 class _PerDevice:

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import warnings
 from itertools import chain
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from .._validate import param_label
+from . import _state_format
 
 ADAM_FIELDS = ("step", "exp_avg", "exp_avg_sq")
 TORCH_ADDED_DEFAULTS = frozenset({"differentiable"})
@@ -88,7 +89,10 @@ def check_native(optimizer: Optimizer, state_dict: Mapping[str, Any], spec: Call
         check_param_state(optimizer, p, st, *spec(group, p))
 
 
-def check_param_state(optimizer: Optimizer, p: Tensor, st: Mapping[str, Any], required: Spec, optional: Spec) -> None:
+def check_param_state(optimizer: Optimizer, p: Tensor, st: Mapping[str, Any], required: Spec, optional: Spec,
+                      one_of: Sequence[Sequence[str]] = ()) -> None:
+    """``one_of``: alternative sets of optional fields (e.g. two formats of the same moments): exactly one set
+    must be complete, and no field of another set may be present."""
     label = param_label(optimizer.param_groups, p)
     if not isinstance(st, Mapping):
         raise ValueError(f"load_state_dict: the state of {label} is a {type(st).__name__}, not a dict")
@@ -100,6 +104,15 @@ def check_param_state(optimizer: Optimizer, p: Tensor, st: Mapping[str, Any], re
     if unknown:
         raise ValueError(f"load_state_dict: the state of {label} has fields {unknown} that "
                          f"{type(optimizer).__name__} does not keep")
+    if one_of:
+        present = [fields for fields in one_of if any(k in st for k in fields)]
+        if len(present) > 1:
+            raise ValueError(f"load_state_dict: the state of {label} holds moments in two formats "
+                             f"({[list(f) for f in present]}; it has {sorted(st)})")
+        lacking = [k for k in (present[0] if present else one_of[0]) if k not in st]
+        if lacking:
+            raise ValueError(f"load_state_dict: the state of {label} lacks {lacking} (it has {sorted(st)}); "
+                             f"is it another optimizer's state?")
     for name, (shape, dtype) in chain(required.items(), optional.items()):
         if name in st:
             _check_field(label, name, st[name], shape, dtype)
@@ -185,6 +198,7 @@ def adam_state_as_native(optimizer: Optimizer, state_dict: Mapping[str, Any],
             continue
         group = group_of[id(p)]
         label = param_label(optimizer.param_groups, p)
+        st = _state_format.full_precision_copy(p, st)   # AdamHD/AdamC 8-bit moments: decoded first
         missing = [k for k in ADAM_FIELDS if k not in st]
         unknown = sorted(set(st) - set(ADAM_FIELDS) - set(_DROPPED))
         if missing or unknown:

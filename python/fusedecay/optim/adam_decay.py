@@ -1,9 +1,11 @@
 """AdamHD and AdamC: drop-in ``torch.optim.Optimizer`` classes over :func:`fusedecay.functional.adam_decay`.
 
 Both keep per-param state ``step`` (float32 0-d tensor on the param's device), ``exp_avg``,
-``exp_avg_sq`` and, for AdamHD with ``delta_mode`` "mean"/"ema", ``delta_mu`` (μ^(l): the tracked
-mean |θ| that gives δ^(l) = delta_scale·μ^(l)). ``step()`` does no host sync: lr may be a float or a
-0-d tensor, and GradScaler's ``grad_scale``/``found_inf`` are applied on the device.
+``exp_avg_sq`` — or, in a group with ``state_bits=8``, their 8-bit codes and block scales (see
+:mod:`fusedecay.optim._state_format` and docs/state8.md) — and, for AdamHD with ``delta_mode``
+"mean"/"ema", ``delta_mu`` (μ^(l): the tracked mean |θ| that gives δ^(l) = delta_scale·μ^(l)).
+``step()`` does no host sync: lr may be a float or a 0-d tensor, and GradScaler's
+``grad_scale``/``found_inf`` are applied on the device.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ from .. import backends as _backends
 from .. import distributed as _dist
 from ..functional import DELTA_MODES, UPDATES, _mu_dtype, adam_decay, init_delta_mu
 from . import _checkpoint as C
+from . import _state_format as SF
+
+_STRIDED = torch.strided
 
 
 class _AdamDecayBase(Optimizer):
@@ -46,6 +51,7 @@ class _AdamDecayBase(Optimizer):
         V.flag("corrected", g["corrected"])
         V.choice("backend", g["backend"], _backends.BACKEND_NAMES)
         V.choice("moment_dtype", g["moment_dtype"], (None, torch.float32, torch.bfloat16, torch.float64))
+        V.choice("state_bits", g.get("state_bits", 32), (32, 8))
         if g.get("max_lr") is not None:
             V.positive("max_lr", g["max_lr"])
 
@@ -89,27 +95,39 @@ class _AdamDecayBase(Optimizer):
                     continue
                 try:
                     V.grad_ok(p)
-                    V.state_on_param_device(p, self.state.get(p, {}), "exp_avg")
+                    V.state_on_param_device(p, self.state.get(p, {}), "step")
                 except (TypeError, ValueError) as e:
                     raise type(e)(f"{V.param_label(self.param_groups, p)}: {e}") from None
 
-    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, steps, mus):
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, steps, mus, scales):
+        """Fills the lists for one group; ``scales`` gets (exp_avg_scales, exp_avg_sq_scales) per param (None for
+        full-precision moments) when the group has ``state_bits=8``."""
         tracks = self._tracks_delta(group)
-        for p in group["params"]:
-            if p.grad is None:
+        state8 = group.get("state_bits", 32) == 8
+        states = self.state
+        for p in group["params"]:  # per param per step: kept lean (thousands of small tensors are common)
+            g = p.grad
+            if g is None:
                 continue
-            state = self.state[p]
-            if len(state) == 0:
+            if g.layout is not _STRIDED or g.dtype not in V.REAL_FLOAT_DTYPES or p.dtype not in V.REAL_FLOAT_DTYPES:
+                V.grad_ok(p)  # raises the error that names the problem
+            state = states[p]
+            if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                mdt = group.get("moment_dtype") or p.dtype  # e.g. fp32 moments for bf16 params
-                state["exp_avg"] = torch.zeros_like(p, dtype=mdt, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=mdt, memory_format=torch.preserve_format)
+                state.update(SF.new_moments(group, p))
             if tracks and "delta_mu" not in state:
                 state["delta_mu"] = self._initial_delta_mu(p, group["backend"])
             params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
+            grads.append(g)
+            if state8 and "exp_avg_codes" in state:
+                exp_avgs.append(state["exp_avg_codes"])
+                exp_avg_sqs.append(state["exp_avg_sq_codes"])
+                scales.append((state["exp_avg_scales"], state["exp_avg_sq_scales"]))
+            else:
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                if state8:
+                    scales.append((None, None))
             steps.append(state["step"])
             if tracks:
                 mus.append(state["delta_mu"])
@@ -128,8 +146,8 @@ class _AdamDecayBase(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         self._check_step_inputs()
         for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, steps, mus = [], [], [], [], [], []
-            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps, mus)
+            params, grads, exp_avgs, exp_avg_sqs, steps, mus, scales = [], [], [], [], [], [], []
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps, mus, scales)
             if not params:
                 continue
             beta1, beta2 = group["betas"]
@@ -141,16 +159,25 @@ class _AdamDecayBase(Optimizer):
                        delta=group.get("delta"), delta_scale=group.get("delta_scale", 1.0),
                        delta_beta=group.get("delta_beta", 0.0), max_lr=self._max_lr(group),
                        bias_correction=group["bias_correction"], maximize=group["maximize"],
-                       backend=group["backend"], grad_scale=grad_scale, found_inf=found_inf)
+                       backend=group["backend"], grad_scale=grad_scale, found_inf=found_inf,
+                       exp_avg_scales=[s[0] for s in scales] if scales else None,
+                       exp_avg_sq_scales=[s[1] for s in scales] if scales else None)
         return loss
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _state_spec(self, group, p: Tensor):
-        """(required, optional) state fields of ``p`` in ``group``: shape and dtype as ``_init_group`` makes them."""
+        """(required, optional, one_of) state fields of ``p`` in ``group``, shape and dtype as ``_init_group`` makes
+        them. The moments may be in either format (full precision or 8-bit, converted after loading): exactly one
+        of the two sets in ``one_of`` must be complete."""
         mdt = group.get("moment_dtype") or p.dtype
         shape = tuple(p.shape)
-        return ({"step": ((), None), "exp_avg": (shape, mdt), "exp_avg_sq": (shape, mdt)},
-                {"delta_mu": ((), _mu_dtype(p.dtype))})
+        full = {"exp_avg": (shape, mdt), "exp_avg_sq": (shape, mdt)}
+        optional = {"delta_mu": ((), _mu_dtype(p.dtype)), **full}
+        one_of = [tuple(full)]
+        if p.dtype in SF.STATE8_DTYPES and SF.state8.eligible(p.shape):   # may hold 8-bit moments
+            optional.update(SF.state8_spec(p.shape))
+            one_of.append(SF.STATE8_KEYS)
+        return {"step": ((), None)}, optional, one_of
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load this optimizer's own state, or switch from another Adam's (torch ``Adam``/``AdamW``, or AdamHD
@@ -161,18 +188,30 @@ class _AdamDecayBase(Optimizer):
         * another Adam's: ``exp_avg``, ``exp_avg_sq`` and ``step`` carry over, the hyperparameters stay this
           optimizer's, and AdamHD's μ starts from the current weights at the next step.
 
+        ``state_bits`` is a storage choice, not a hyperparameter: each group keeps its own, and moments saved in
+        the other format are converted (8-bit ↔ full precision, :func:`fusedecay.optim._state_format.convert_moments`).
         Anything else (ScionC's state, wrong shapes, dtypes or counts) raises naming the param and field, and
         changes nothing."""
         C.check_dict(state_dict)
-        if not C.is_native(self, state_dict["param_groups"], _ADAM_OPTION_KEYS):
+        if not C.is_native(self, state_dict["param_groups"], _ADAM_OPTION_KEYS, _OPTIONAL_GROUP_KEYS):
             self._load_switch(state_dict)
             return
         C.check_native(self, state_dict, self._state_spec, lambda g, saved: {**self.defaults, **saved})
+        state_bits = [g.get("state_bits", 32) for g in self.param_groups]
         super().load_state_dict(state_dict)
         C.restore_saved_tensors(self, state_dict)
+        for g, bits in zip(self.param_groups, state_bits):
+            g["state_bits"] = bits
+        self._finish_load()
+
+    def _finish_load(self) -> None:
+        """``step`` as one float32 number on the param's device; moments in the format each group asks for."""
+        group_of = {p: g for g in self.param_groups for p in g["params"]}
         for p, st in self.state.items():
-            if "step" in st:   # one float32 number on the param's device, whatever form it was saved in
+            if "step" in st:   # whatever form it was saved in
                 st["step"] = torch.as_tensor(st["step"]).reshape(()).to(device=p.device, dtype=torch.float32)
+            if p in group_of:
+                SF.convert_moments(group_of[p], p, st)
 
     def _load_switch(self, state_dict: Dict[str, Any]) -> None:
         """Another Adam's moments and step, this optimizer's hyperparameters (see ``load_state_dict``)."""
@@ -180,6 +219,7 @@ class _AdamDecayBase(Optimizer):
         native = C.adam_state_as_native(self, state_dict, lambda g, p: g.get("moment_dtype") or p.dtype,
                                         lambda g, p: p.device)
         C.load_switched(self, native, super().load_state_dict)
+        self._finish_load()
 
 
 class AdamHD(_AdamDecayBase):
@@ -201,6 +241,9 @@ class AdamHD(_AdamDecayBase):
         bias_correction: Adam's bias correction (True, as torch AdamW). maximize: ascend.
         moment_dtype: dtype of exp_avg/exp_avg_sq (None: the param's, as torch AdamW; torch.float32 keeps
             fp32 moments for bf16 params — the compiled and Triton kernels read and write them directly).
+        state_bits: 32 (moments in ``moment_dtype``) or 8: 8-bit blockwise moments (≈2.06 B/param instead of 8,
+            docs/state8.md) for fp32/bf16 params with at least 2 dims, 4096 elements and a dim-0 row that is a
+            multiple of 128; other params of the group keep ``moment_dtype`` moments.
         backend: "auto" | "reference" | "cpu" | "cuda" | "triton".
 
     Defaults c = 1.0, β0 = 0.99, bias_correction=True and ``update="prox"`` are fusedecay's choices:
@@ -211,11 +254,12 @@ class AdamHD(_AdamDecayBase):
                  weight_decay: float = 1e-2, *, update: str = "prox", delta_mode: str = "ema",
                  delta: Optional[float] = None, delta_scale: float = 1.0, delta_beta: float = 0.99,
                  corrected: bool = False, max_lr: Optional[float] = None, bias_correction: bool = True,
-                 maximize: bool = False, moment_dtype: Optional[torch.dtype] = None, backend: str = "auto"):
+                 maximize: bool = False, moment_dtype: Optional[torch.dtype] = None, state_bits: int = 32,
+                 backend: str = "auto"):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update=update,
                         delta_mode=delta_mode, delta=delta, delta_scale=delta_scale, delta_beta=delta_beta,
                         corrected=corrected, max_lr=max_lr, bias_correction=bias_correction, maximize=maximize,
-                        moment_dtype=moment_dtype, backend=backend)
+                        moment_dtype=moment_dtype, state_bits=state_bits, backend=backend)
         super().__init__(params, defaults)
 
     def _check_group(self, g):
@@ -253,10 +297,10 @@ class AdamC(_AdamDecayBase):
     def __init__(self, params, lr=1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, corrected: bool = True, max_lr: Optional[float] = None,
                  bias_correction: bool = True, maximize: bool = False, moment_dtype: Optional[torch.dtype] = None,
-                 backend: str = "auto"):
+                 state_bits: int = 32, backend: str = "auto"):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, corrected=corrected, max_lr=max_lr,
                         bias_correction=bias_correction, maximize=maximize, moment_dtype=moment_dtype,
-                        backend=backend)
+                        state_bits=state_bits, backend=backend)
         super().__init__(params, defaults)
 
     def _decay_of(self, group) -> str:
@@ -269,3 +313,5 @@ def _option_keys(cls) -> set:
 
 # Every option of the Adam family: a saved group with another member's options is a switch, not a resume.
 _ADAM_OPTION_KEYS = _option_keys(AdamHD) | _option_keys(AdamC)
+# Options a saved group may lack and still be this optimizer's own (checkpoints from before they existed).
+_OPTIONAL_GROUP_KEYS = ("state_bits",)

@@ -29,6 +29,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from . import state8
+
 Scalar = Union[float, Tensor]
 
 DECAY_KINDS = ("l2", "prox", "euler")
@@ -137,35 +139,66 @@ def adam_decay_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Te
     return abs_sum(param)
 
 
+def delta_mu_update(mu: Tensor, abs_sum: Tensor, numel: int, beta: float) -> Tensor:
+    """μ_t = β·μ_{t−1} + (1 − β)·Σ|θ_t|/numel (AdamHD Eq. 8–9; β = 0 is Eq. 7), in μ's dtype."""
+    return mu * beta + (abs_sum / float(max(int(numel), 1))) * (1 - beta)
+
+
 def adam_decay_reference(params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, abs_sums, *,
                          lr, beta1, beta2, eps, weight_decay, decay, delta_fixed, delta_scale, max_lr,
-                         bias_correction, maximize, grad_scale=None, found_inf=None) -> None:
+                         bias_correction, maximize, grad_scale=None, found_inf=None, exp_avg_scales=None,
+                         exp_avg_sq_scales=None, delta_beta=None, numels=None) -> None:
     """The multi-tensor kernel contract, implemented by looping :func:`adam_decay_step`.
 
     Every backend implements exactly this signature (see ``fusedecay.backends``):
       * ``state_steps`` are already incremented; δ_i = ``delta_fixed`` if given, else
         ``delta_scale * delta_mus[i]`` (``decay="l2"`` uses no δ);
       * ``abs_sums`` (a 1-D tensor with one slot per param, or None) receives Σ|θ_t| per tensor;
-      * if ``found_inf`` is nonzero nothing is written to params or moments.
+      * 8-bit state (docs/state8.md): with ``exp_avg_scales``/``exp_avg_sq_scales`` given, every
+        ``exp_avgs[i]`` is an int8 code tensor and ``exp_avg_sqs[i]`` a uint8 one, with their float32 block
+        scales; the moments are decoded, updated in float32 and encoded again;
+      * ``delta_beta`` not None: after the step μ_i ← β·μ_i + (1 − β)·Σ|θ_t|/n_i (n_i = ``numels[i]``, default
+        the tensor's numel), the update :func:`fusedecay.functional.update_delta_mu` does (``abs_sums`` needed);
+      * if ``found_inf`` is nonzero nothing is written to params, moments, scales or μ.
     """
+    quantized = exp_avg_scales is not None
+    if quantized != (exp_avg_sq_scales is not None):
+        raise ValueError("exp_avg_scales and exp_avg_sq_scales must be given together")
+    if delta_beta is not None and abs_sums is None:
+        raise ValueError("delta_beta needs abs_sums (the per-tensor sums μ is updated from)")
     for i, p in enumerate(params):
+        stored = [p, exp_avgs[i], exp_avg_sqs[i]]
+        if quantized:
+            stored += [exp_avg_scales[i], exp_avg_sq_scales[i]]
+            m = state8.dequantize_exp_avg(exp_avgs[i], exp_avg_scales[i])
+            v = state8.dequantize_exp_avg_sq(exp_avg_sqs[i], exp_avg_sq_scales[i])
+        else:
+            m, v = exp_avgs[i], exp_avg_sqs[i]
         if found_inf is not None:
             # Eager reference: keep it readable; the kernels do this without a host sync.
-            snapshot = (p.clone(), exp_avgs[i].clone(), exp_avg_sqs[i].clone())
+            snapshot = [x.clone() for x in stored]
         if decay == "l2":
             delta = None
         elif delta_fixed is not None:
             delta = delta_fixed
         else:
             delta = delta_scale * delta_mus[i]
-        s = adam_decay_step(p, grads[i], exp_avgs[i], exp_avg_sqs[i], state_steps[i], lr=lr, beta1=beta1,
+        s = adam_decay_step(p, grads[i], m, v, state_steps[i], lr=lr, beta1=beta1,
                             beta2=beta2, eps=eps, weight_decay=weight_decay, decay=decay, delta=delta,
                             max_lr=max_lr, bias_correction=bias_correction, maximize=maximize,
                             grad_scale=grad_scale)
-        if found_inf is not None:
-            skip = found_inf.to(torch.bool)
-            for dst, old in zip((p, exp_avgs[i], exp_avg_sqs[i]), snapshot):
+        if quantized:
+            (m_codes, m_scales), (v_codes, v_scales) = state8.quantize_exp_avg(m), state8.quantize_exp_avg_sq(v)
+            for dst, src in zip(stored[1:], (m_codes, v_codes, m_scales, v_scales)):
+                dst.copy_(src)
+        skip = found_inf.to(torch.bool) if found_inf is not None else None
+        if skip is not None:
+            for dst, old in zip(stored, snapshot):
                 dst.copy_(torch.where(skip, old, dst))
             s = torch.where(skip, abs_sum(p), s)
         if abs_sums is not None:
             abs_sums[i] = s
+        if delta_beta is not None:
+            new_mu = delta_mu_update(delta_mus[i], abs_sums[i], numels[i] if numels is not None else p.numel(),
+                                     delta_beta)
+            delta_mus[i].copy_(new_mu if skip is None else torch.where(skip, delta_mus[i], new_mu))

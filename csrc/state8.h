@@ -1,0 +1,127 @@
+// 8-bit blockwise moment codec: the one definition of how exp_avg and exp_avg_sq are stored in 8 bits,
+// shared by the CPU kernel, the CUDA kernel and (re-expressed in tl ops) the Triton kernel. The contract
+// is docs/state8.md; the readable reference is python/fusedecay/reference/state8.py. Torch-free.
+//
+// A block is kBlock consecutive elements of the tensor in row-major order (blocks never straddle a
+// dim-0 row; see eligibility in docs/state8.md). Per block one fp32 scale per moment, its largest
+// magnitude, and per element an 8-bit float of the element relative to that scale:
+//   exp_avg m:     s_m = max |m|,  int8 code  c = sign(m)·F8(|m|·r_m; E=4, M=3),   m  = sign(c)·V(|c|)·s_m
+//   exp_avg_sq v:  s_w = max √v,   uint8 code c = F8(√v·r_w; E=5, M=3),           √v = V(c)·s_w,  v = (√v)²
+// r = 1/s for a normal s ≥ 2^−126, else 0 (an all-zero block, a NaN scale, a block of subnormals: stored
+// as zeros). F8(x; E, M) is x ∈ [0, 1] as a float with E exponent bits (bias 2^E − 1, so 1.0 is the code
+// (2^E − 1)·2^M), M mantissa bits and subnormals, rounded to nearest even — computed on the fp32 bit pattern
+// of x with integer adds and shifts (no table, no division, no square root); V is its exact inverse.
+// m's code spans 2^−14…1 (+ subnormals to 2^−17) with 3 mantissa bits; √v's spans 2^−30…1 (to 2^−33), so
+// v is 0 only when it is below 2^−66 of its block's largest: Adam's denominator is never lost to rounding.
+// The maxima are taken on the bit patterns of |x| (integer max: exact and order-independent; a NaN in a
+// block makes its scale NaN, so the block decodes to NaN, as fp32 state would stay NaN).
+//
+// Every formula is integer arithmetic on bit patterns or IEEE-rounded fp32 multiplications, so every
+// implementation produces the same codes and scales bit for bit.
+#pragma once
+
+#include <cstdint>
+
+#include "adam_decay_math.h"
+
+namespace fusedecay {
+namespace state8 {
+
+constexpr int kBlock = 128;            // elements per scale
+constexpr int kMantissaBits = 3;       // both codes
+constexpr int kExpBitsM = 4;           // exp_avg:    bias 15, codes 0…120 in use (121…127 encode x > 1)
+constexpr int kExpBitsV = 5;           // exp_avg_sq: bias 31, codes 0…248 in use
+constexpr float kMinScale = 1.17549435e-38f;  // 2^−126: 1/s is finite for every normal s
+constexpr float kRoundMagic = 8388608.0f;     // 2^23: (t + 2^23) − 2^23 rounds 0 ≤ t < 2^23 to nearest even
+
+// Per-block encode factor r (scalar, once per block).
+FD_HD float encode_factor(float s) { return s >= kMinScale ? 1.0f / s : 0.0f; }  // NaN, 0, subnormal → 0
+
+// |x| as bits: the integer order of these is the float order of |x|, with NaNs above +inf.
+FD_HD uint32_t abs_bits(float x) { return float_to_bits(x) & 0x7fffffffu; }
+
+// 2^k as a float (exact), for |k| < 127.
+constexpr float exp2i(int k) {
+  float r = 1.0f;
+  for (; k > 0; --k) r *= 2.0f;
+  for (; k < 0; ++k) r *= 0.5f;
+  return r;
+}
+
+// Constants of the F8 format with E exponent bits (M = kMantissaBits).
+template <int E>
+struct F8Format {
+  static constexpr int kBias = (1 << E) - 1;
+  static constexpr int kMaxCode = (1 << (E + kMantissaBits)) - 1;
+  static constexpr int kShift = 23 - kMantissaBits;                  // fp32 mantissa bits dropped
+  static constexpr int32_t kExpOffset = (127 - kBias) << kMantissaBits;  // fp32 exponent bias − F8's, in code units
+  static constexpr int32_t kHalf = (1 << (kShift - 1)) - 1;          // round-half-even bias, less the lsb
+  static constexpr int kSubExp = kBias - 1 + kMantissaBits;          // subnormal codes: rne(x·2^kSubExp)
+  static constexpr float kMinNormal = exp2i(1 - kBias);
+  static constexpr float kSubScale = exp2i(kSubExp);
+  static constexpr float kSubStep = exp2i(-kSubExp);
+};
+
+// Scalar building blocks; the CPU SIMD types provide the same names lane by lane. Codes travel as int32,
+// bit patterns as uint32.
+FD_HD uint32_t fd_bits(float x) { return float_to_bits(x); }
+FD_HD int32_t fd_u2i(uint32_t u) { return static_cast<int32_t>(u); }
+FD_HD float fd_from_bits(int32_t b) { return bits_to_float(static_cast<uint32_t>(b)); }
+FD_HD int32_t fd_round_to_int(float t) {  // 0 ≤ t < 2^23, nearest even
+  return static_cast<int32_t>((t + kRoundMagic) - kRoundMagic);
+}
+FD_HD float fd_to_float(int32_t c) { return static_cast<float>(c); }
+FD_HD int32_t fd_select(bool c, int32_t a, int32_t b) { return c ? a : b; }
+FD_HD float fd_select(bool c, float a, float b) { return c ? a : b; }
+FD_HD int32_t fd_min(int32_t a, int32_t b) { return a < b ? a : b; }
+FD_HD int32_t fd_abs_code(int32_t c) { return c < 0 ? -c : c; }
+
+// F8(x) for x ≥ 0 (x = |moment|·r ≤ 1 up to rounding; NaN → kMaxCode whatever its sign bit, so every
+// platform writes the same code). V is float or the SIMD float type.
+template <int E, typename V>
+FD_HD auto f8_encode(V x) {
+  using F = F8Format<E>;
+  const auto u = fd_bits(x) & 0x7fffffffu;
+  const auto normal = fd_u2i((u + static_cast<uint32_t>(F::kHalf) + ((u >> F::kShift) & 1u)) >> F::kShift) -
+                      F::kExpOffset;
+  const auto tiny = x < F::kMinNormal;  // false for NaN
+  const auto subnormal = fd_round_to_int(fd_select(tiny, x, V{}) * F::kSubScale);
+  return fd_min(fd_select(tiny, subnormal, normal), F::kMaxCode);
+}
+
+// V(c) for 0 ≤ c ≤ kMaxCode: the exact value of the code.
+template <int E, typename I>
+FD_HD auto f8_decode(I c) {
+  using F = F8Format<E>;
+  const auto normal = fd_from_bits((c + F::kExpOffset) << F::kShift);
+  const auto subnormal = fd_to_float(c) * F::kSubStep;  // exact
+  return fd_select(c < (1 << kMantissaBits), subnormal, normal);
+}
+
+// The moments. s = the block's scale, r = its encode factor.
+template <typename V>
+FD_HD auto encode_exp_avg(V m, float r) {  // int8 code as int32: sign(m)·F8(|m|·r)
+  const auto q = f8_encode<kExpBitsM>(fd_abs(m) * r);
+  return fd_select(m < 0.0f, -q, q);
+}
+
+template <typename I>
+FD_HD auto decode_exp_avg(I c, float s) {
+  const auto a = f8_decode<kExpBitsM>(fd_abs_code(c)) * s;
+  return fd_select(c < 0, -a, a);
+}
+
+// w = √v of the updated v (the value the update divided by).
+template <typename V>
+FD_HD auto encode_exp_avg_sq(V w, float r) {
+  return f8_encode<kExpBitsV>(w * r);
+}
+
+template <typename I>
+FD_HD auto decode_exp_avg_sq(I c, float s) {
+  const auto w = f8_decode<kExpBitsV>(c) * s;  // √v
+  return w * w;
+}
+
+}  // namespace state8
+}  // namespace fusedecay

@@ -1,0 +1,588 @@
+"""8-bit blockwise optimizer state (docs/state8.md): the codec, the CPU kernel, the optimizer option.
+
+Truths: the F8 code against the nearest representable value computed in float64 from the format's closed
+form; the kernel's 8-bit step against (reference decode → the same kernel's fp32 step → reference encode),
+which runs the same operations on the same data, so it must agree bit for bit; and against the eager
+reference step, which orders its float32 operations differently (params, scales and μ to the fp32
+tolerance, codes equal except for rare ±1 flips where an ulp moves a value across a rounding boundary).
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("FUSEDECAY_JIT", "1")
+
+from fusedecay import AdamC, AdamHD  # noqa: E402
+from fusedecay.functional import update_delta_mu  # noqa: E402
+from fusedecay.reference import adam_decay_reference  # noqa: E402
+from fusedecay.reference import state8 as S  # noqa: E402
+from tolerances import assert_close  # noqa: E402
+
+try:
+    cpp = importlib.import_module("fusedecay._cpp_backend")
+except Exception:  # pragma: no cover - only without a compiler
+    cpp = None
+needs_cpp = pytest.mark.skipif(cpp is None, reason="compiled extension unavailable")
+
+F32 = torch.float32
+# Eligible-size shapes for kernel tests (a multiple of 128 per tensor): one block, odd row counts, an empty
+# tensor, rows of several blocks; with chunk_size 128/256 most of them span several chunks.
+Q_SHAPES = [(1, 128), (3, 256), (37, 128), (0, 128), (5, 384), (2, 3, 128)]
+
+
+# ------------------------------------------------------------------------------------------------
+# The F8 code against float64 truth
+# ------------------------------------------------------------------------------------------------
+
+def f8_values(exp_bits: int) -> torch.Tensor:
+    """Every code's value in float64, from the format's closed form (3 mantissa bits, bias 2^E − 1)."""
+    bias, mbits = 2 ** exp_bits - 1, 3
+    vals = []
+    for c in range(2 ** (exp_bits + mbits)):
+        e, f = c >> mbits, c & (2 ** mbits - 1)
+        vals.append(f * 2.0 ** (1 - bias - mbits) if e == 0 else 2.0 ** (e - bias) * (1 + f / 2 ** mbits))
+    return torch.tensor(vals, dtype=torch.float64)
+
+
+def nearest_code(x: torch.Tensor, exp_bits: int) -> torch.Tensor:
+    """Index of the nearest value (ties to the even code), computed in float64."""
+    vals = f8_values(exp_bits)
+    d = (x.to(torch.float64)[:, None] - vals[None, :]).abs()
+    best = d.min(dim=1, keepdim=True).values
+    ties = d == best
+    idx = torch.arange(len(vals)).expand_as(d)
+    even = torch.where(ties & (idx % 2 == 0), idx, len(vals))
+    any_tie = ties.sum(dim=1) > 1
+    return torch.where(any_tie, even.min(dim=1).values, d.argmin(dim=1))
+
+
+def sample_unit_interval(n: int, seed: int, exp_bits: int) -> torch.Tensor:
+    """x in [0, 1]: log-uniform over the format's range and beyond, every code value, every midpoint."""
+    g = torch.Generator().manual_seed(seed)
+    bias = 2 ** exp_bits - 1
+    logu = torch.exp2(-torch.rand(n, generator=g, dtype=torch.float64) * (bias + 6))
+    vals = f8_values(exp_bits)
+    used = vals[vals <= 1.0]
+    mids = (used[1:] + used[:-1]) / 2
+    x = torch.cat([logu, used, mids, torch.tensor([0.0, 1.0, 2.0 ** -126, 2.0 ** -149])])
+    return x.to(F32)
+
+
+@pytest.mark.parametrize("exp_bits", [S.EXP_BITS_M, S.EXP_BITS_V])
+def test_f8_encode_rounds_to_nearest_value_ties_to_even(exp_bits):
+    x = sample_unit_interval(20000, exp_bits, exp_bits)
+    assert x.dtype == F32 and torch.equal(x.to(torch.float64), x.to(torch.float64).clamp(0, 1))
+    got = S.f8_encode(x, exp_bits)
+    want = nearest_code(x, exp_bits)
+    assert torch.equal(got, want), (x[got != want][:5], got[got != want][:5], want[got != want][:5])
+
+
+@pytest.mark.parametrize("exp_bits", [S.EXP_BITS_M, S.EXP_BITS_V])
+def test_f8_decode_is_the_closed_form_and_inverts_encode(exp_bits):
+    codes = torch.arange(2 ** (exp_bits + 3))
+    values = S.f8_decode(codes, exp_bits)
+    assert values.dtype == F32
+    assert torch.equal(values.to(torch.float64), f8_values(exp_bits))
+    assert torch.equal(S.f8_encode(values, exp_bits), codes)
+    # 1.0 — a block's largest element — is the code (2^E − 1)·8 and decodes exactly.
+    one = (2 ** exp_bits - 1) * 8
+    assert S.f8_encode(torch.ones(1), exp_bits).item() == one and values[one].item() == 1.0
+
+
+def test_f8_nan_and_out_of_range_saturate():
+    x = torch.tensor([float("nan"), -float("nan"), float("inf"), 3.0])
+    assert S.f8_encode(x, S.EXP_BITS_M).tolist() == [127] * 4
+    assert S.f8_encode(x, S.EXP_BITS_V).tolist() == [255] * 4
+
+
+# ------------------------------------------------------------------------------------------------
+# Blockwise quantisation (reference)
+# ------------------------------------------------------------------------------------------------
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN matching NaN."""
+    return a.shape == b.shape and bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
+
+
+def moments(shape, seed=0, spread=3.0):
+    """m (signed) and v (≥ 0) whose magnitudes spread over several orders within each block."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.exp(torch.randn(shape, generator=g) * spread)
+    m = torch.randn(shape, generator=g) * scale * 1e-3
+    v = (torch.randn(shape, generator=g) * scale * 1e-3) ** 2
+    return m, v
+
+
+def test_eligibility_and_scale_shape():
+    assert S.eligible((32, 128)) and S.scale_shape((32, 128)) == (32, 1)
+    assert S.eligible((8, 4, 128)) and S.scale_shape((8, 4, 128)) == (8, 4)
+    assert S.eligible((64, 3 * 128)) and S.scale_shape((0, 256)) == (0, 2)
+    assert not S.eligible((4096,))            # 1-D (biases, norms)
+    assert not S.eligible((31, 128))          # below MIN_NUMEL
+    assert not S.eligible((100, 100))         # row not a multiple of BLOCK
+    assert not S.eligible((128, 96))          # numel is, the rows are not: blocks would straddle rows
+    assert not S.eligible((64, 3, 3, 3))      # conv kernel rows of 27
+
+
+def test_quantize_relative_error_and_block_maxima():
+    m, v = moments((64, 256), spread=1.0)
+    mc, ms = S.quantize_exp_avg(m)
+    vc, vs = S.quantize_exp_avg_sq(v)
+    assert mc.dtype == torch.int8 and vc.dtype == torch.uint8 and ms.shape == vs.shape == (64, 2)
+    blocks = m.reshape(-1, S.BLOCK)
+    assert torch.equal(ms.reshape(-1), blocks.abs().amax(1))
+    assert torch.equal(vs.reshape(-1), S.ieee_sqrt(v.reshape(-1, S.BLOCK)).amax(1))
+    assert mc.abs().max() <= 120 and vc.max() <= 248
+    m2 = S.dequantize_exp_avg(mc, ms)
+    w, w2 = S.ieee_sqrt(v), S.ieee_sqrt(S.dequantize_exp_avg_sq(vc, vs))
+    # The block maxima decode exactly; 3 mantissa bits: relative error ≤ 1/16 in the normal range.
+    assert torch.equal(m2.reshape(-1, S.BLOCK).abs().amax(1), ms.reshape(-1))
+    assert torch.equal(torch.sign(m2[m2 != 0]), torch.sign(m[m2 != 0]))
+    big_m = m.abs() >= 2.0 ** -14 * ms.repeat_interleave(S.BLOCK, 1)
+    assert big_m.float().mean() > 0.95 and ((m2 - m).abs() <= m.abs() / 16 * (1 + 1e-6))[big_m].all()
+    big_w = w >= 2.0 ** -30 * vs.repeat_interleave(S.BLOCK, 1)
+    assert big_w.float().mean() > 0.99 and ((w2 - w).abs() <= w / 16 * (1 + 1e-6))[big_w].all()
+    # Decode → encode gives back the same bits (conversions round-trip).
+    assert all(torch.equal(a, b) for a, b in zip(S.quantize_exp_avg(m2), (mc, ms)))
+    assert all(torch.equal(a, b) for a, b in zip(S.quantize_exp_avg_sq(S.dequantize_exp_avg_sq(vc, vs)), (vc, vs)))
+
+
+def test_blocks_are_independent_and_special_blocks():
+    m, v = moments((4, 256), seed=1)
+    m[0, :128] = 0.0                                 # all-zero block: scale 0, codes 0, decodes to 0
+    m[1, 128:] = 1e-40                               # a block of subnormals: stored as zeros
+    m[2, 5] = float("nan")                           # NaN poisons its own block only
+    mc, ms = S.quantize_exp_avg(m)
+    out = S.dequantize_exp_avg(mc, ms)
+    assert ms[0, 0] == 0 and (mc[0, :128] == 0).all() and (out[0, :128] == 0).all()
+    assert (mc[1, 128:] == 0).all() and (out[1, 128:] == 0).all()
+    assert torch.isnan(ms[2, 0]) and torch.isnan(out[2, :128]).all() and not torch.isnan(out[2, 128:]).any()
+    m2 = m.clone()
+    m2[3, 128:] *= 7.0                               # touch one block: only its codes/scale may change
+    mc2, ms2 = S.quantize_exp_avg(m2)
+    keep = torch.ones_like(mc, dtype=torch.bool)
+    keep[3, 128:] = False
+    assert torch.equal(mc2[keep], mc[keep]) and same(ms2[:3], ms[:3]) and ms2[3, 0] == ms[3, 0]
+
+
+# ------------------------------------------------------------------------------------------------
+# The CPU kernel
+# ------------------------------------------------------------------------------------------------
+
+def q8_state(shapes, seed=0, param_dtype=F32, warm=True):
+    """params, int8/uint8 codes, scales, steps, μ of a mid-training 8-bit state."""
+    g = torch.Generator().manual_seed(seed)
+    params, mc, vc, ms, vs = [], [], [], [], []
+    for k, s in enumerate(shapes):
+        params.append((torch.randn(s, generator=g) * 0.5).to(param_dtype))
+        m, v = moments(s, seed=seed + 7 * k) if warm else (torch.zeros(s), torch.zeros(s))
+        v = v + m * m  # as in Adam, √v ≥ |m| roughly: steps of order lr, not m/ε
+        (a, b), (c, d) = S.quantize_exp_avg(m), S.quantize_exp_avg_sq(v)
+        mc.append(a)
+        ms.append(b)
+        vc.append(c)
+        vs.append(d)
+    steps = [torch.tensor(3.0 if warm else 0.0) for _ in shapes]
+    mus = [p.float().abs().mean() if p.numel() else torch.tensor(0.0) for p in params]
+    return dict(params=params, exp_avgs=mc, exp_avg_sqs=vc, exp_avg_scales=ms, exp_avg_sq_scales=vs, steps=steps,
+                mus=mus)
+
+
+def clone_state(st):
+    return {k: [x.clone() for x in v] for k, v in st.items()}
+
+
+def grads_for(shapes, seed=1, dtype=F32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).to(dtype) * 1e-2 for s in shapes]
+
+
+def hyper(decay="prox", **over):
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decay=decay, delta_fixed=None,
+              delta_scale=1.0, max_lr=None, bias_correction=True, maximize=False)
+    kw.update(over)
+    return kw
+
+
+def step_q8(impl, st, grads, delta_beta=0.9, **kw):
+    """One step of an 8-bit contract implementation on ``st`` (in place); returns Σ|θ_t| per tensor."""
+    torch._foreach_add_(st["steps"], 1)
+    sums = torch.full((len(st["params"]),), float("nan"))
+    tracks = kw["decay"] != "l2" and kw.get("delta_fixed") is None
+    impl(st["params"], grads, st["exp_avgs"], st["exp_avg_sqs"], st["steps"], st["mus"] if tracks else None, sums,
+         exp_avg_scales=st["exp_avg_scales"], exp_avg_sq_scales=st["exp_avg_sq_scales"],
+         delta_beta=delta_beta if tracks else None, **kw)
+    return sums
+
+
+def step_via_fp32(impl, st, grads, delta_beta=0.9, **kw):
+    """The same step as decode → ``impl``'s fp32-moment step → encode, with the reference codec."""
+    m = [S.dequantize_exp_avg(c, s) for c, s in zip(st["exp_avgs"], st["exp_avg_scales"])]
+    v = [S.dequantize_exp_avg_sq(c, s) for c, s in zip(st["exp_avg_sqs"], st["exp_avg_sq_scales"])]
+    torch._foreach_add_(st["steps"], 1)
+    sums = torch.full((len(st["params"]),), float("nan"))
+    tracks = kw["decay"] != "l2" and kw.get("delta_fixed") is None
+    impl(st["params"], grads, m, v, st["steps"], st["mus"] if tracks else None, sums,
+         delta_beta=delta_beta if tracks else None, **kw)
+    for i in range(len(m)):
+        (st["exp_avgs"][i], st["exp_avg_scales"][i]) = S.quantize_exp_avg(m[i])
+        (st["exp_avg_sqs"][i], st["exp_avg_sq_scales"][i]) = S.quantize_exp_avg_sq(v[i])
+    return sums
+
+
+def assert_equal_states(a, b, what=""):
+    for k in a:
+        for i, (x, y) in enumerate(zip(a[k], b[k])):
+            assert torch.equal(x, y), f"{what}: {k}[{i}]"
+
+
+def kernel(chunk_size):
+    def run(*args, **kw):
+        return cpp.adam_decay(*args, chunk_size=chunk_size, **kw)
+    return run
+
+
+@needs_cpp
+@pytest.mark.parametrize("decay", ["l2", "prox", "euler"])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_size", [128, 0])
+def test_kernel_step_is_decode_fp32_step_encode_bit_for_bit(decay, param_dtype, chunk_size):
+    """The 8-bit kernel runs the fp32 kernel's element function between the codec's decode and encode."""
+    st = q8_state(Q_SHAPES, param_dtype=param_dtype)
+    a, b = clone_state(st), clone_state(st)
+    for k in range(4):
+        grads = grads_for(Q_SHAPES, seed=10 + k, dtype=param_dtype)
+        kw = hyper(decay, maximize=k == 2, lr=torch.tensor(1e-2) if k == 3 else 1e-2)
+        sa = step_q8(kernel(chunk_size), a, grads, **kw)
+        sb = step_via_fp32(kernel(chunk_size), b, grads, **kw)
+        assert torch.equal(sa, sb)
+        assert_equal_states(a, b, f"step {k}")
+    assert any(not torch.equal(x, y) for x, y in zip(a["exp_avgs"], st["exp_avgs"]) if x.numel())
+
+
+@needs_cpp
+@pytest.mark.parametrize("decay,corrected", [("l2", True), ("prox", False), ("euler", False), ("prox", True)])
+def test_kernel_matches_reference_every_step(decay, corrected):
+    """Each step from the same state: params, scales, Σ|θ| and μ to the fp32 tolerance; codes equal but for
+    ±1 flips of values within float32 rounding of a code boundary (the two order their operations differently)."""
+    st = q8_state(Q_SHAPES, seed=3)
+    kw = hyper(decay, max_lr=2e-2 if corrected else None)
+    flips = total = 0
+    for k in range(4):
+        grads = grads_for(Q_SHAPES, seed=20 + k)
+        ref = clone_state(st)
+        s_ref = step_q8(adam_decay_reference, ref, grads, **kw)
+        s_got = step_q8(kernel(256), st, grads, **kw)
+        assert_close(s_got, s_ref, dtype=F32)
+        for name in ("params", "exp_avg_scales", "exp_avg_sq_scales", "mus"):
+            for i, (x, y) in enumerate(zip(st[name], ref[name])):
+                assert_close(x, y, dtype=F32, msg=f"step {k}: {name}[{i}]")
+        for name in ("exp_avgs", "exp_avg_sqs"):
+            for x, y in zip(st[name], ref[name]):
+                d = (x.to(torch.int32) - y.to(torch.int32)).abs()
+                assert d.numel() == 0 or d.max() <= 1
+                flips += int((d != 0).sum())
+                total += d.numel()
+    assert flips <= max(2, total // 10000), f"{flips} of {total} codes differ"
+
+
+def tie_case(device="cpu"):
+    """A one-step problem whose moments land exactly on F8 rounding midpoints: β1 = β2 = 0 makes m = g and
+    √v = |g| exactly, and a block maximum of 2 makes |g|/2 exact. Returns (state, grads, hyper, expected
+    (exp_avg codes, exp_avg_sq codes)) — the expected ones from the float64 nearest-value truth."""
+    mids = []
+    for eb in (S.EXP_BITS_M, S.EXP_BITS_V):
+        used = f8_values(eb)[f8_values(eb) <= 1.0]
+        mids.append((used[1:] + used[:-1]) / 2)
+    x = torch.cat(mids)
+    x = torch.cat([x, x.new_zeros(-len(x) % 127)]).reshape(-1, 127)
+    x = torch.cat([torch.ones(len(x), 1, dtype=x.dtype), x], dim=1)      # every block's maximum: x = 1
+    g = (torch.cat([x, -x]) * 2).to(F32)
+    assert torch.equal(g.double(), torch.cat([x, -x]) * 2)               # midpoints are exact in float32
+    st = q8_state([tuple(g.shape)], warm=False)
+    kw = hyper("l2", beta1=0.0, beta2=0.0, weight_decay=0.0)
+    code_m = nearest_code(g.abs().reshape(-1) / 2, S.EXP_BITS_M).reshape(g.shape)
+    want_m = torch.where(g < 0, -code_m, code_m).to(torch.int8)
+    want_v = nearest_code(g.abs().reshape(-1) / 2, S.EXP_BITS_V).reshape(g.shape).to(torch.uint8)
+    to = lambda xs: [t.to(device) for t in xs]  # noqa: E731
+    return {k: to(v) for k, v in st.items()}, [g.to(device)], kw, (want_m, want_v)
+
+
+@needs_cpp
+@pytest.mark.parametrize("impl", ["reference", "cpu"])
+def test_ties_round_to_even_codes(impl):
+    st, grads, kw, (want_m, want_v) = tie_case()
+    step_q8(adam_decay_reference if impl == "reference" else kernel(128), st, grads, **kw)
+    assert torch.equal(st["exp_avgs"][0], want_m) and torch.equal(st["exp_avg_sqs"][0], want_v)
+
+
+@needs_cpp
+def test_thread_count_and_rerun_do_not_change_bits():
+    shapes = [(1024, 768), (300, 128)]
+    st = q8_state(shapes, seed=5)
+    grads = grads_for(shapes)
+    runs = []
+    threads = torch.get_num_threads()
+    for n in (threads, 1, threads):
+        torch.set_num_threads(n)
+        try:
+            s = clone_state(st)
+            step_q8(cpp.adam_decay, s, grads, **hyper("prox"))
+        finally:
+            torch.set_num_threads(threads)
+        runs.append(s)
+    assert_equal_states(runs[0], runs[1], "1 thread")
+    assert_equal_states(runs[0], runs[2], "rerun")
+
+
+@needs_cpp
+def test_non_contiguous_params_use_row_major_blocks():
+    """A transposed param is walked through a contiguous copy: its blocks are rows of the logical shape."""
+    base = q8_state([(256, 128)], seed=6)
+    st = clone_state(base)
+    st["params"] = [base["params"][0].t().contiguous().t()]  # same values, column-major storage
+    assert not st["params"][0].is_contiguous()
+    grads = [grads_for([(128, 256)])[0].t()]
+    ref = clone_state(base)
+    step_q8(cpp.adam_decay, st, grads, **hyper("euler"))
+    step_q8(cpp.adam_decay, ref, [grads[0].contiguous()], **hyper("euler"))
+    assert_equal_states(st, ref)
+
+
+@needs_cpp
+@pytest.mark.parametrize("impl", ["reference", "cpu"])
+def test_found_inf_writes_nothing_and_grad_scale_unscales(impl):
+    impl = adam_decay_reference if impl == "reference" else cpp.adam_decay
+    st = q8_state(Q_SHAPES, seed=8)
+    before = clone_state(st)
+    grads = grads_for(Q_SHAPES)
+    sums = step_q8(impl, st, grads, found_inf=torch.tensor(1.0), **hyper("prox"))
+    for k in ("params", "exp_avgs", "exp_avg_sqs", "exp_avg_scales", "exp_avg_sq_scales", "mus"):
+        assert all(torch.equal(x, y) for x, y in zip(st[k], before[k])), k
+    assert_close(sums, torch.stack([p.abs().sum() for p in before["params"]]), dtype=F32)
+    a, b = clone_state(before), clone_state(before)
+    step_q8(impl, a, [g * 1024 for g in grads], grad_scale=torch.tensor(1024.0), found_inf=torch.tensor(0.0),
+            **hyper("prox"))
+    step_q8(impl, b, grads, **hyper("prox"))
+    assert_equal_states(a, b)  # dividing by a power of two is exact
+
+
+@needs_cpp
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_found_inf", [False, True])
+def test_fused_mu_update_is_update_delta_mu(param_dtype, with_found_inf):
+    """The kernel's reduction stage updates μ with the arithmetic of functional.update_delta_mu (after the sums
+    it writes), honouring found_inf and the global sizes of sharded tensors."""
+    shapes = [(37,), (5, 7), (0,), (4097,)]
+    g = torch.Generator().manual_seed(4)
+    params = [torch.randn(s, generator=g, dtype=param_dtype) for s in shapes]
+    zeros = [torch.zeros_like(p) for p in params]
+    mus = [p.abs().mean() if p.numel() else torch.zeros((), dtype=param_dtype) for p in params]
+    grads = [torch.randn_like(p) for p in params]
+    numels = [74, 35, 0, 12291]
+    fi = torch.tensor(1.0 if with_found_inf else 0.0)
+    a_p, b_p = [p.clone() for p in params], [p.clone() for p in params]
+    a_mu, b_mu = [m.clone() for m in mus], [m.clone() for m in mus]
+    a_s, b_s = torch.zeros(4, dtype=param_dtype), torch.zeros(4, dtype=param_dtype)
+    steps = lambda: [torch.tensor(2.0) for _ in shapes]  # noqa: E731
+    kw = hyper("prox", found_inf=fi)
+    cpp.adam_decay(a_p, grads, [z.clone() for z in zeros], [z.clone() for z in zeros], steps(), a_mu, a_s,
+                   delta_beta=0.95, numels=numels, **kw)
+    cpp.adam_decay(b_p, grads, [z.clone() for z in zeros], [z.clone() for z in zeros], steps(), b_mu, b_s, **kw)
+    update_delta_mu(b_mu, b_s, numels, 0.95, fi)
+    assert torch.equal(a_s, b_s)
+    assert all(torch.equal(x, y) for x, y in zip(a_mu, b_mu))
+    assert with_found_inf == all(torch.equal(x, y) for x, y in zip(a_mu, mus))
+
+
+@needs_cpp
+@pytest.mark.parametrize("edit,match", [
+    (lambda st: st.update(exp_avg_scales=None, exp_avg_sq_scales=None), "int8 moments are 8-bit state"),
+    (lambda st: st["exp_avg_sqs"].__setitem__(1, st["exp_avg_sqs"][1].to(torch.int8)), "uint8 exp_avg_sq"),
+    (lambda st: st["exp_avg_scales"].__setitem__(1, st["exp_avg_scales"][1][:2]), r"exp_avg_scales\[1\]"),
+    (lambda st: st["exp_avg_sq_scales"].__setitem__(0, st["exp_avg_sq_scales"][0].double()),
+     r"exp_avg_sq_scales\[0\]"),
+    (lambda st: st["exp_avg_sqs"].__setitem__(0, torch.zeros(1, 256, dtype=torch.uint8)[:, ::2]), "contiguous"),
+    (lambda st: st.update(exp_avg_sq_scales=None), "given together"),
+])
+def test_bad_8bit_arguments_raise_before_writing(edit, match):
+    st = q8_state([(1, 128), (3, 256)])
+    before = clone_state(st)
+    edit(st)
+    with pytest.raises(ValueError, match=match):
+        cpp.adam_decay(st["params"], grads_for([(1, 128), (3, 256)]), st["exp_avgs"], st["exp_avg_sqs"],
+                       [torch.tensor(1.0)] * 2, None, None, exp_avg_scales=st["exp_avg_scales"],
+                       exp_avg_sq_scales=st["exp_avg_sq_scales"], **hyper("l2"))
+    assert all(torch.equal(x, y) for x, y in zip(st["params"], before["params"]))
+
+
+@needs_cpp
+def test_bad_sizes_and_chunk_size_for_8bit_state():
+    p = [torch.randn(100)]
+    m, v = [torch.zeros(100, dtype=torch.int8)], [torch.zeros(100, dtype=torch.uint8)]
+    with pytest.raises(ValueError, match="multiple of 128 elements"):
+        cpp.adam_decay(p, [torch.randn(100)], m, v, [torch.tensor(1.0)], None, None, exp_avg_scales=[torch.zeros(1)],
+                       exp_avg_sq_scales=[torch.zeros(1)], **hyper("l2"))
+    st = q8_state([(1, 128)])
+    with pytest.raises(ValueError, match="chunk_size"):
+        cpp.adam_decay(st["params"], grads_for([(1, 128)]), st["exp_avgs"], st["exp_avg_sqs"], st["steps"], None,
+                       None, exp_avg_scales=st["exp_avg_scales"], exp_avg_sq_scales=st["exp_avg_sq_scales"],
+                       chunk_size=64, **hyper("l2"))
+
+
+@needs_cpp
+def test_opcheck_with_8bit_state_and_fused_mu():
+    st = q8_state([(3, 128), (1, 256)])
+    args = (st["params"], grads_for([(3, 128), (1, 256)]), st["exp_avgs"], st["exp_avg_sqs"], st["steps"], st["mus"],
+            torch.empty(2))
+    kw = dict(lr=1e-2, lr_tensor=None, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decay="prox",
+              delta_fixed=None, delta_scale=1.0, max_lr=None, max_lr_tensor=None, bias_correction=True,
+              maximize=False, grad_scale=None, found_inf=None, chunk_size=0, exp_avg_scales=st["exp_avg_scales"],
+              exp_avg_sq_scales=st["exp_avg_sq_scales"], delta_beta=0.9, mu_numels=[384, 256])
+    torch.library.opcheck(torch.ops.fusedecay.adam_decay_.default, args, kw,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimizer option state_bits=8
+# ------------------------------------------------------------------------------------------------
+
+# Eligible matrices, a 1-D bias, a small matrix and a matrix whose rows are not a multiple of 128.
+OPT_SHAPES = [(64, 128), (40, 256), (300,), (8, 128), (50, 100)]
+
+
+def make_params(shapes=OPT_SHAPES, seed=0, dtype=F32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter((torch.randn(s, generator=g) * 0.1).to(dtype)) for s in shapes]
+
+
+def run_steps(opt, params, n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=g) * 1e-2).to(p.dtype)
+        opt.step()
+
+
+def groups(params, **g8):
+    """Two groups: the first with 8-bit state, the second (the last two params) without decay and 32-bit."""
+    return [dict(params=params[:3], state_bits=8, **g8), dict(params=params[3:], weight_decay=0.0)]
+
+
+def test_state_layout_and_bytes_per_param():
+    ps = make_params()
+    opt = AdamHD(groups(ps), lr=1e-2, backend="reference")
+    run_steps(opt, ps, 1)
+    st = [opt.state[p] for p in ps]
+    for i in (0, 1):  # eligible, 8-bit group
+        assert st[i]["exp_avg_codes"].dtype == torch.int8 and st[i]["exp_avg_sq_codes"].dtype == torch.uint8
+        assert st[i]["exp_avg_scales"].shape == S.scale_shape(ps[i].shape) and "exp_avg" not in st[i]
+        nbytes = sum(st[i][k].numel() * st[i][k].element_size() for k in
+                     ("exp_avg_codes", "exp_avg_sq_codes", "exp_avg_scales", "exp_avg_sq_scales"))
+        assert nbytes / ps[i].numel() == 2 + 8 / S.BLOCK
+    for i in (2, 3, 4):  # 1-D / 32-bit group / ineligible rows
+        assert st[i]["exp_avg"].dtype == F32 and "exp_avg_codes" not in st[i]
+
+
+@needs_cpp
+@pytest.mark.parametrize("make", [
+    lambda ps, b: AdamHD(groups(ps), lr=1e-2, weight_decay=0.1, delta_mode="ema", delta_beta=0.9, backend=b),
+    lambda ps, b: AdamHD(groups(ps, update="euler"), lr=1e-2, weight_decay=0.1, delta_mode="mean", backend=b),
+    lambda ps, b: AdamC(groups(ps), lr=1e-2, weight_decay=0.1, backend=b),
+])
+def test_optimizer_cpu_backend_matches_reference(make):
+    runs = {}
+    for b in ("reference", "cpu"):
+        ps = make_params()
+        opt = make(ps, b)
+        run_steps(opt, ps, 3)
+        runs[b] = (ps, opt)
+    (pr, ref), (pc, got) = runs["reference"], runs["cpu"]
+    for p, q in zip(pr, pc):
+        assert_close(q.detach(), p.detach(), dtype=F32)
+        for k, v in ref.state[p].items():
+            w = got.state[q][k]
+            if v.dtype in (torch.int8, torch.uint8):
+                assert ((v.to(torch.int32) - w.to(torch.int32)).abs() <= 1).all(), k
+            else:
+                assert_close(w, v, dtype=F32, msg=k)
+
+
+@pytest.mark.parametrize("opt_cls", [AdamHD, AdamC])
+def test_state_dict_round_trip_resumes_bit_identically(opt_cls):
+    ps = make_params()
+    opt = opt_cls(groups(ps), lr=1e-2, backend="auto")
+    run_steps(opt, ps, 3)
+    saved = copy.deepcopy(opt.state_dict())
+    params_then = [p.detach().clone() for p in ps]
+    run_steps(opt, ps, 2, seed=9)
+    qs = [torch.nn.Parameter(x.clone()) for x in params_then]
+    opt2 = opt_cls(groups(qs), lr=1e-2, backend="auto")
+    opt2.load_state_dict(saved)
+    run_steps(opt2, qs, 2, seed=9)
+    for p, q in zip(ps, qs):
+        assert torch.equal(p.detach(), q.detach())
+        assert opt.state[p].keys() == opt2.state[q].keys()
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, opt2.state[q][k]), k
+
+
+def test_loading_converts_between_8bit_and_full_precision_state():
+    ps = make_params()
+    opt32 = AdamHD(ps, lr=1e-2, backend="reference")  # one group, full precision
+    run_steps(opt32, ps, 2)
+    sd32 = copy.deepcopy(opt32.state_dict())
+    # full precision → 8-bit: codes are the reference encoding of the saved moments
+    opt8 = AdamHD(ps, lr=1e-2, state_bits=8, backend="reference")
+    opt8.load_state_dict(sd32)
+    assert opt8.param_groups[0]["state_bits"] == 8  # the optimizer keeps its own format
+    for i, p in enumerate(ps):
+        st, saved = opt8.state[p], sd32["state"][i]
+        if S.eligible(p.shape):
+            assert "exp_avg" not in st
+            assert torch.equal(st["exp_avg_codes"], S.quantize_exp_avg(saved["exp_avg"])[0])
+            assert torch.equal(st["exp_avg_sq_scales"], S.quantize_exp_avg_sq(saved["exp_avg_sq"])[1])
+        else:
+            assert torch.equal(st["exp_avg"], saved["exp_avg"])
+    # 8-bit → full precision: the decoded values; and back to 8-bit: the same bits
+    sd8 = copy.deepcopy(opt8.state_dict())
+    back = AdamHD(ps, lr=1e-2, backend="reference")
+    back.load_state_dict(sd8)
+    assert back.param_groups[0]["state_bits"] == 32
+    for i, p in enumerate(ps):
+        if S.eligible(p.shape):
+            saved = sd8["state"][i]
+            assert torch.equal(back.state[p]["exp_avg"],
+                               S.dequantize_exp_avg(saved["exp_avg_codes"], saved["exp_avg_scales"]))
+    again = AdamHD(ps, lr=1e-2, state_bits=8, backend="reference")
+    again.load_state_dict(copy.deepcopy(back.state_dict()))
+    for i, p in enumerate(ps):
+        for k, v in sd8["state"][i].items():
+            assert torch.equal(again.state[p][k], v), k
+
+
+def test_bf16_params_get_8bit_state_and_fp64_params_keep_theirs():
+    ps = make_params(dtype=torch.bfloat16)
+    opt = AdamHD(ps, lr=1e-2, state_bits=8, backend="reference")
+    run_steps(opt, ps, 1)
+    assert "exp_avg_codes" in opt.state[ps[0]]
+    ps64 = make_params(dtype=torch.float64)
+    opt64 = AdamHD(ps64, lr=1e-2, state_bits=8, backend="reference")
+    run_steps(opt64, ps64, 1)
+    assert opt64.state[ps64[0]]["exp_avg"].dtype == torch.float64
+
+
+@pytest.mark.parametrize("bits", [16, 4, "8"])
+def test_bad_state_bits_raise(bits):
+    with pytest.raises(ValueError, match="state_bits"):
+        AdamHD(make_params(), state_bits=bits)
+    opt = AdamC(make_params()[:1])
+    with pytest.raises(ValueError, match="state_bits"):
+        opt.add_param_group(dict(params=make_params()[1:2], state_bits=bits))
+    assert len(opt.param_groups) == 1
