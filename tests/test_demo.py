@@ -353,6 +353,33 @@ def test_norm_claims_compare_corrected_against_uncorrected():
     assert set(v for k, v in swapped.items() if k.startswith("AdamC")) == {"disagrees"}
 
 
+def test_state8_row_is_an_equivalence_test_within_one_percent():
+    """8-bit vs fp32 AdamHD: "agrees" when the per-seed relative difference of the val loss lies within ±1%,
+    "disagrees" when it lies entirely outside, "tie" when its interval straddles the bound."""
+    fp32 = [_fake(f, 2.5, 2.4) for f in (2.00, 2.10, 2.20)]
+
+    def row(rel):
+        q = [_fake(h["final_val_loss"] * (1 + r), 2.5, 2.4) for h, r in zip(fp32, rel)]
+        rows = [r for r in shared_claims({"adamhd": fp32, "adamhd8": q}, "shared λ 1") if "8-bit" in r["claim"]]
+        assert len(rows) == 1
+        return rows[0]
+    assert row([0.001, 0.002, 0.003])["verdict"] == "agrees"          # +0.2 % ± small
+    assert row([0.040, 0.042, 0.041])["verdict"] == "disagrees"       # +4 %, consistently
+    assert row([-0.030, 0.000, 0.030])["verdict"] == "tie"            # straddles ±1 %
+    assert "relative" in row([0.001, 0.002, 0.003])["numbers"]
+    assert not [r for r in shared_claims({"adamhd": fp32}, "shared λ 1") if "8-bit" in r["claim"]]
+
+
+def test_adamhd8_runs_adamhd_with_8bit_state():
+    model = _tiny_model()
+    opt = build_optimizer("adamhd8", model, Hyper())
+    assert type(opt).__name__ == "AdamHD" and all(g["state_bits"] == 8 for g in opt.param_groups)
+    assert all(g["state_bits"] == 32 for g in build_optimizer("adamhd", model, Hyper()).param_groups)
+    assert "adamhd8" not in resolve_args(build_parser().parse_args([])).optimizers   # optional, not default
+    assert resolve_args(build_parser().parse_args(["--optimizers", "adamhd,adamhd8"])).optimizers == [
+        "adamhd", "adamhd8"]
+
+
 def test_sweep_picks_each_optimizers_own_best_lambda():
     """AdamW is best at the smallest λ, AdamHD at the largest; best-vs-best compares 2.0 with 1.9 (agrees), while
     at the shared smallest λ AdamHD would be worse."""

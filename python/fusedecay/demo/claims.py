@@ -23,7 +23,9 @@ DEMO_QUESTION = "not a paper claim"
 PRUNE_THRESHOLD = 0.10   # nats above AdamW's dense loss: the loss level whose crossing sparsity is reported
 FIXED_SPARSITIES = ("0.50", "0.70")
 
-NAMES = {"adamw": "AdamW", "adamhd": "AdamHD", "adamc": "AdamC", "scionc": "ScionC", "scion": "Scion"}
+NAMES = {"adamw": "AdamW", "adamhd": "AdamHD", "adamc": "AdamC", "scionc": "ScionC", "scion": "Scion",
+         "adamhd8": "AdamHD 8-bit"}
+STATE8_TOLERANCE = 0.01  # the 8-bit state "trains like" fp32 state if its val loss is within 1% (relative)
 
 # A "setting" is the list of one optimizer's histories over the seeds (same seed order for every optimizer).
 Setting = List[Dict]
@@ -141,6 +143,21 @@ def grad_norm_row(base: str, cand: str, W: Setting, C: Setting, comparison: str)
                     values(W, "grad_norm_ratio"), values(C, "grad_norm_ratio"), "lower")
 
 
+def state8_row(H: Setting, Q: Setting, comparison: str) -> Dict[str, str]:
+    """8-bit moment state against AdamHD's own fp32 state (an equivalence question, not a paper's claim): per seed,
+    the relative difference of the final val loss; "agrees" when its 95 % interval lies inside ±1 %, "disagrees"
+    when entirely outside, "tie" (inconclusive) otherwise. The paired column is the usual overlap rule."""
+    xa, xb = values(H, "final_val_loss"), values(Q, "final_val_loss")
+    rel = interval([(y - x) / x for x, y in zip(xa, xb)])
+    tol = STATE8_TOLERANCE
+    v = "agrees" if rel.n > 1 and -tol <= rel.lo and rel.hi <= tol else (
+        "disagrees" if rel.n > 1 and (rel.lo > tol or rel.hi < -tol) else "tie")
+    return _row(DEMO_QUESTION, f"8-bit moment state trains like fp32 state (within {tol:.0%} of the val loss)",
+                "final val loss; the per-seed relative difference (8-bit − fp32)/fp32 must lie within "
+                f"±{tol:.0%}", comparison, f"{_pair('adamhd', 'adamhd8', xa, xb)}; relative "
+                f"{rel.fmt('+.2f', 100, '%')}", v, paired_verdict(xa, xb, "lower"))
+
+
 def not_tested(seed: str, claim: str, why: str) -> Dict[str, str]:
     return _row(seed, claim, "—", "—", why, "not tested")
 
@@ -164,6 +181,8 @@ def shared_claims(runs: Dict[str, Setting], comparison: str) -> List[Dict[str, s
         if base in runs and cand in runs:
             rows += [weight_norm_row(base, cand, runs[base], runs[cand], comparison),
                      grad_norm_row(base, cand, runs[base], runs[cand], comparison)]
+    if "adamhd" in runs and "adamhd8" in runs:
+        rows.append(state8_row(runs["adamhd"], runs["adamhd8"], comparison))
     if "scionc" in runs:
         if "scion" in runs:
             rows.append(loss_row(C_SEED, SCION_CLAIM, "scion", "scionc", runs["scion"], runs["scionc"], comparison))

@@ -32,7 +32,7 @@ from .claims import Setting, shared_claims, sweep_claims
 from .corpus import load_corpus
 from .measures import CURVE_MAX
 from .model import GPT, SIZES, GPTConfig
-from .optimizers import EXTRA_OPTIMIZERS, OPTIMIZERS, Hyper
+from .optimizers import EXTRA_OPTIMIZERS, OPTIMIZERS, OPTIONAL_OPTIMIZERS, Hyper
 from .prune import prunable_share
 from .runner import Job, RunConfig, available_cpus, run_jobs
 from .summary import default_markdown, sweep_markdown
@@ -100,7 +100,7 @@ def _seeds(s: str) -> List[int]:
 
 def _optimizers(s: str) -> List[str]:
     names = [x.strip().lower() for x in s.split(",") if x.strip()]
-    known = OPTIMIZERS + EXTRA_OPTIMIZERS
+    known = OPTIMIZERS + EXTRA_OPTIMIZERS + OPTIONAL_OPTIMIZERS
     bad = [n for n in names if n not in known]
     if bad or not names:
         raise argparse.ArgumentTypeError(f"unknown optimizer(s) {bad or s!r}; choose from {','.join(known)}")
@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help="bytes per sequence (default: per regime and size)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--optimizers", type=_optimizers, default=list(OPTIMIZERS + EXTRA_OPTIMIZERS),
-                   help="comma-separated subset of adamw,adamhd,adamc,scionc,scion (default: all five)")
+                   help="comma-separated subset of adamw,adamhd,adamc,scionc,scion (default: all five), plus the "
+                        "optional adamhd8 (AdamHD with 8-bit moment state)")
     p.add_argument("--seeds", type=_seeds, help="comma-separated seeds, the same for every optimizer (model init "
                    "and batch order; default: 0,1,2 in the decay regime, 0 in the quick one)")
     p.add_argument("--workers", type=int, help="runs side by side in worker processes (default: the CPU count "

@@ -34,7 +34,11 @@ OPTIMIZERS = ("adamw", "adamhd", "adamc", "scionc")
 # Optional baseline (not in the default set): Scion with plain decay η = γλ everywhere, i.e. ScionC
 # without the correction, for the "ScionC vs Scion" claim.
 EXTRA_OPTIMIZERS = ("scion",)
-LABELS = {"adamw": "AdamW (torch)", "adamhd": "AdamHD", "adamc": "AdamC", "scionc": "ScionC", "scion": "Scion"}
+# Optional runs, never in the default set: AdamHD with 8-bit moment state (state_bits=8, docs/state8.md), to see
+# what the 8-bit state costs against AdamHD's own fp32 state in the same run (`--optimizers adamhd,adamhd8`).
+OPTIONAL_OPTIMIZERS = ("adamhd8",)
+LABELS = {"adamw": "AdamW (torch)", "adamhd": "AdamHD", "adamc": "AdamC", "scionc": "ScionC", "scion": "Scion",
+          "adamhd8": "AdamHD, 8-bit state"}
 
 
 @dataclass
@@ -92,9 +96,10 @@ def build_optimizer(name: str, model: GPT, hp: Hyper) -> torch.optim.Optimizer:
     adam = dict(lr=hp.adam_lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(param_groups(model, "adamw"), **adam)
-    if name == "adamhd":
+    if name in ("adamhd", "adamhd8"):
         return AdamHD(param_groups(model, "adamhd"), update=hp.hd_update, delta_mode="ema",
-                      delta_scale=hp.hd_delta_scale, delta_beta=hp.hd_delta_beta, backend="auto", **adam)
+                      delta_scale=hp.hd_delta_scale, delta_beta=hp.hd_delta_beta, backend="auto",
+                      state_bits=8 if name == "adamhd8" else 32, **adam)
     if name == "adamc":
         # Corrected (λ_t = λγ_t/γ_max) everywhere but the output layer (seed 003's rule).
         return AdamC(param_groups(model, "adamc"), backend="auto", **adam)
@@ -113,7 +118,7 @@ def build_optimizer(name: str, model: GPT, hp: Hyper) -> torch.optim.Optimizer:
 def hidden_decay(name: str, hp: Hyper, lr_mult: float) -> float:
     """η_t applied to the block matrices at a step with lr multiplier ``lr_mult`` (θ ← (1 − η_t)θ − …).
     For AdamHD it is the coefficient of the quadratic (|θ| ≤ δ) regime, an upper bound on its shrinkage."""
-    if name in ("adamw", "adamhd"):
+    if name in ("adamw", "adamhd", "adamhd8"):
         return hp.adam_lr * lr_mult * hp.weight_decay
     if name == "adamc":
         return hp.adam_lr * lr_mult * hp.weight_decay * lr_mult        # λ_t = λ·γ_t/γ_max
@@ -129,12 +134,14 @@ def hidden_decay(name: str, hp: Hyper, lr_mult: float) -> float:
 def describe(name: str, hp: Hyper) -> Dict[str, object]:
     """The hyperparameters that apply to ``name`` (for the JSON and the summary)."""
     common = {"schedule": f"linear warmup {hp.warmup_frac:.0%} of steps, cosine to 0"}
-    if name in ("adamw", "adamhd", "adamc"):
+    if name in ("adamw", "adamhd", "adamhd8", "adamc"):
         d = {"lr": hp.adam_lr, "betas": list(hp.betas), "eps": hp.eps, "weight_decay": hp.weight_decay,
              "decay_on": "2-D params (hidden, embeddings, tied head)"}
-        if name == "adamhd":
+        if name in ("adamhd", "adamhd8"):
             d.update(update=hp.hd_update, delta_mode="ema", delta_scale=hp.hd_delta_scale,
                      delta_beta=hp.hd_delta_beta)
+        if name == "adamhd8":
+            d.update(state_bits=8)
         if name == "adamc":
             d.update(corrected="hidden + position embedding", uncorrected="tied output head")
         return {**d, **common}

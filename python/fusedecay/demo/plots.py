@@ -17,7 +17,8 @@ from .claims import Setting, iv, values  # noqa: E402
 from .measures import block_norm, edge_width, final_phase  # noqa: E402
 from .optimizers import LABELS  # noqa: E402
 
-COLORS = {"adamw": "tab:blue", "adamhd": "tab:orange", "adamc": "tab:green", "scionc": "tab:red", "scion": "tab:purple"}
+COLORS = {"adamw": "tab:blue", "adamhd": "tab:orange", "adamc": "tab:green", "scionc": "tab:red", "scion": "tab:purple",
+          "adamhd8": "tab:brown"}
 BAND = "line: mean over seeds, band: min–max"
 
 
