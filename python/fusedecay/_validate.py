@@ -97,6 +97,21 @@ def state_on_param_device(p: Tensor, state, field: str) -> None:
                          f"with it, e.g. optimizer.load_state_dict(optimizer.state_dict())")
 
 
+def step_inputs(optimizer, state_field: str) -> None:
+    """Every grad and state of ``optimizer`` before a step writes anything: a bad one raises naming its param,
+    and nothing changes (attribute reads only: this runs every step). ``state_field`` is a state tensor whose
+    device tells where the state lives."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            try:
+                grad_ok(p)
+                state_on_param_device(p, optimizer.state.get(p, {}), state_field)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{param_label(optimizer.param_groups, p)}: {e}") from None
+
+
 def param_label(groups, p: Tensor) -> str:
     """How an error names ``p``: its name when the group carries ``param_names``, else its place and shape."""
     for gi, g in enumerate(groups):

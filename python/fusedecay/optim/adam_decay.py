@@ -87,17 +87,7 @@ class _AdamDecayBase(Optimizer):
 
     # -- state -----------------------------------------------------------------------------------
     def _check_step_inputs(self) -> None:
-        """Every grad and state before anything is written: a bad one raises naming its param, and nothing
-        changes (attribute reads only: this runs every step)."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                try:
-                    V.grad_ok(p)
-                    V.state_on_param_device(p, self.state.get(p, {}), "step")
-                except (TypeError, ValueError) as e:
-                    raise type(e)(f"{V.param_label(self.param_groups, p)}: {e}") from None
+        V.step_inputs(self, "step")
 
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, steps, mus, scales):
         """Fills the lists for one group; ``scales`` gets (exp_avg_scales, exp_avg_sq_scales) per param (None for

@@ -145,16 +145,7 @@ class ScionC(Optimizer):
         return torch.bfloat16 if p.device.type == "cuda" else torch.float32
 
     def _check_step_inputs(self) -> None:
-        """Every grad and state before anything is written (attribute reads only: this runs every step)."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                try:
-                    V.grad_ok(p)
-                    V.state_on_param_device(p, self.state.get(p, {}), "momentum_buffer")
-                except (TypeError, ValueError) as e:
-                    raise type(e)(f"{V.param_label(self.param_groups, p)}: {e}") from None
+        V.step_inputs(self, "momentum_buffer")
 
     @torch.no_grad()
     def step(self, closure=None):
