@@ -20,6 +20,21 @@ from tolerances import assert_close
 STEPS, WARMUP = 8, 2
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _private_inductor_cache(tmp_path_factory):
+    """A fresh inductor cache for this module. torch's on-disk cache (/tmp/torchinductor_<user>) is not keyed on
+    ATEN_CPU_CAPABILITY: after a run under the default capability, a run under ATEN_CPU_CAPABILITY=default reuses
+    vectorised code and fails to compile it ("'at::vec' has not been declared"), and CI runs the suite under both."""
+    import os
+    old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor"))
+    yield
+    if old is None:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
+
+
 def _readme_step(compiled: bool, seed: int = 0):
     """The README's torch.compile snippet in its own namespace; ``compiled=False`` runs it with torch.compile = id."""
     ns = {}
