@@ -27,6 +27,11 @@ if [ "${#CMDS[@]}" -ne 2 ] || [[ "${CMDS[0]}" != *"fusedecay.demo"* ]] || [[ "${
   echo "new_user.sh: could not read the two Quick start commands from README.md (got: ${CMDS[*]:-nothing})" >&2
   exit 2
 fi
+# .ci/run names the test command it expects (README_TEST_CMD); the README's must be that one.
+if [ -n "${README_TEST_CMD:-}" ] && [ "${CMDS[1]}" != "$README_TEST_CMD" ]; then
+  echo "new_user.sh: README's test command is '${CMDS[1]}', .ci/run expects '$README_TEST_CMD'" >&2
+  exit 2
+fi
 say "command 1: ${CMDS[0]}"
 say "command 2: ${CMDS[1]}"
 
