@@ -47,6 +47,19 @@ POLAR_MIN_STEPS = 10
 POLAR_MIN_RELATIVE_SIGMA = 1e-3
 
 
+def random_values(shapes, seed: int = 0, scale: float = 1.0):
+    """name -> float64 N(0, scale²) tensor of that shape, from one seeded generator (a test's initial params)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=gen, dtype=torch.float64) * scale for k, s in shapes.items()}
+
+
+def grad_stream(shapes, steps: int, skipped=None, seed: int = 1):
+    """Per step, name -> float64 N(0, 1) grad; None for the (name, step) pair ``skipped`` (a param without a grad)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [{k: None if (k, t) == skipped else torch.randn(s, generator=gen, dtype=torch.float64)
+             for k, s in shapes.items()} for t in range(steps)]
+
+
 def cosine_lr(base: float, k: int, total: int, eta_min: float) -> float:
     """γ after ``k`` scheduler steps of cosine annealing from ``base`` to ``eta_min`` over ``total`` steps."""
     return eta_min + (base - eta_min) * (1 + math.cos(math.pi * k / total)) / 2

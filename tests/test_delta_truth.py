@@ -45,15 +45,12 @@ ADAMC_GROUPS = [
 ]
 
 
-def initial_values(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(s, generator=gen, dtype=F64) * 0.5 for k, s in SHAPES.items()}
+def initial_values():
+    return T.random_values(SHAPES, scale=0.5)
 
 
-def grad_stream(seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [{k: None if (k, t) == SKIPPED else torch.randn(s, generator=gen, dtype=F64) for k, s in SHAPES.items()}
-            for t in range(STEPS)]
+def grad_stream():
+    return T.grad_stream(SHAPES, STEPS, SKIPPED)
 
 
 def make_param(x, dtype, name, device):

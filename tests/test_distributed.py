@@ -6,22 +6,19 @@ References are single-process runs of the same optimizer on the same global batc
 rank; shards are compared with the matching slice of the reference (``_slice``).
 """
 import copy
-import json
 import os
 import tempfile
-import traceback
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 from fusedecay import AdamC, AdamHD, ScionC
 from fusedecay import distributed as fd
 from fusedecay.functional import scion_directions_reference
 from fusedecay.reference import lmo as reference_lmo
+import gloo_ranks
 from spectral_truth import NS, NS_STEPS, sign_truth, spectral_truth, well_conditioned
 from tolerances import assert_close
 
@@ -665,22 +662,7 @@ def _checks(ckpt_root):
 
 
 def _worker(rank, out_dir):
-    torch.set_num_threads(1)
-    # A file rendezvous: no port to pick, so no race with other jobs on the machine.
-    dist.init_process_group("gloo", init_method="file://" + os.path.join(out_dir, "rendezvous"), rank=rank,
-                            world_size=WORLD, timeout=timedelta(seconds=60))
-    results = {}
-    try:
-        for name, check in _checks(os.path.join(out_dir, "ckpt")).items():
-            try:
-                check(rank)
-                results[name] = "ok"
-            except Exception:
-                results[name] = traceback.format_exc()
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
+    gloo_ranks.run_checks(rank, WORLD, out_dir, _checks(os.path.join(out_dir, "ckpt")))
 
 
 @pytest.fixture(scope="module")
@@ -690,22 +672,7 @@ def spawned():
     with tempfile.TemporaryDirectory() as out_dir:
         model, opt = _train8("adamc8", 2)
         _dcp_save(model, opt, os.path.join(out_dir, "ckpt", "state8_ws1"))
-        ctx = mp.spawn(_worker, args=(out_dir,), nprocs=WORLD, join=False)
-        try:
-            import time
-            deadline = time.monotonic() + SPAWN_TIMEOUT_S
-            while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"distributed workers did not finish in {SPAWN_TIMEOUT_S} s")
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-        per_rank = []
-        for r in range(WORLD):
-            with open(os.path.join(out_dir, f"rank{r}.json")) as f:
-                per_rank.append(json.load(f))
-        yield per_rank, out_dir
+        yield gloo_ranks.spawn(_worker, out_dir, WORLD, SPAWN_TIMEOUT_S), out_dir
 
 
 @pytest.fixture(scope="module")

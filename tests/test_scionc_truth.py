@@ -16,18 +16,14 @@ step. Params and momentum buffers are compared after every step, in float64 (tol
 ``test_truth_sees_a_doubled_decay_and_a_flipped_step`` shows, group by group, that the tolerances are tight
 enough for a decay of 1 − 2η or a flipped step to fail whichever path runs.
 """
-import json
-import os
 import tempfile
-import traceback
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import float64_truth as T
+import gloo_ranks
 from fusedecay import ScionC
 from fusedecay import _scion_fast as fast
 from fusedecay import distributed as fd
@@ -69,15 +65,12 @@ def group_options(nesterov, maximize):
     return out
 
 
-def initial_values(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(s, generator=gen, dtype=F64) * 0.3 for k, s in SHAPES.items()}
+def initial_values():
+    return T.random_values(SHAPES, scale=0.3)
 
 
-def grad_stream(seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [{k: None if (k, t) == SKIPPED else torch.randn(s, generator=gen, dtype=F64) for k, s in SHAPES.items()}
-            for t in range(STEPS)]
+def grad_stream():
+    return T.grad_stream(SHAPES, STEPS, SKIPPED)
 
 
 def make_param(x, dtype, name):
@@ -317,42 +310,14 @@ DISTRIBUTED_CASES = _distributed_cases()
 
 
 def _worker(rank, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method="file://" + os.path.join(out_dir, "rendezvous"), rank=rank,
-                            world_size=WORLD, timeout=timedelta(seconds=60))
-    results = {}
-    try:
-        for name, case in DISTRIBUTED_CASES.items():
-            try:
-                _distributed_run(*case)
-                results[name] = "ok"
-            except Exception:
-                results[name] = traceback.format_exc()
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
+    checks = {name: (lambda _rank, c=case: _distributed_run(*c)) for name, case in DISTRIBUTED_CASES.items()}
+    gloo_ranks.run_checks(rank, WORLD, out_dir, checks)
 
 
 @pytest.fixture(scope="module")
 def distributed_results():
-    import time
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.spawn(_worker, args=(out_dir,), nprocs=WORLD, join=False)
-        try:
-            deadline = time.monotonic() + SPAWN_TIMEOUT_S
-            while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"distributed workers did not finish in {SPAWN_TIMEOUT_S} s")
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-        per_rank = []
-        for r in range(WORLD):
-            with open(os.path.join(out_dir, f"rank{r}.json")) as f:
-                per_rank.append(json.load(f))
-        yield per_rank
+        yield gloo_ranks.spawn(_worker, out_dir, WORLD, SPAWN_TIMEOUT_S)
 
 
 @pytest.mark.distributed

@@ -35,6 +35,18 @@ def _trailing_mean(xs: Sequence[float], w: int) -> List[float]:
     return [sum(xs[i - w + 1:i + 1]) / w for i in range(w - 1, len(xs))]
 
 
+def _finish(fig, axes, path: Path, title: str = BAND, legend: bool = True, dpi: int = 90) -> None:
+    """Grid (and legend) on ``axes``, the figure's title, then write ``path`` and free the figure."""
+    for a in axes:
+        a.grid(alpha=0.3)
+        if legend:
+            a.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def _band(ax, x: Sequence[float], series: Sequence[Sequence[float]], color: str, label: str, **kw) -> None:
     """Mean of ``series`` (one per seed) as a line, min–max as a shaded band."""
     cols = list(zip(*series))
@@ -69,13 +81,7 @@ def curves(runs: Dict[str, Setting], path: Path, warmup_frac: float) -> None:
     ax[1, 1].set(title="‖θ‖_F of the block matrices", xlabel="step", yscale="log")
     for a in ax[1]:
         _shade_final_phase(a, n, warmup_frac)
-    for a in ax.flat:
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8)
-    fig.suptitle(f"{BAND}; gray: final 20% of the cosine phase", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _finish(fig, ax.flat, path, f"{BAND}; gray: final 20% of the cosine phase")
 
 
 def final_phase_norms(runs: Dict[str, Setting], path: Path, warmup_frac: float) -> None:
@@ -97,12 +103,7 @@ def final_phase_norms(runs: Dict[str, Setting], path: Path, warmup_frac: float) 
     ax[1].set(title="total ‖g‖, trailing mean over a fifth of the window, ÷ its first value", xlabel="step")
     for a in ax:
         a.axhline(1.0, color="black", lw=0.6)
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8)
-    fig.suptitle(f"final 20% of the cosine phase; {BAND}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _finish(fig, ax, path, f"final 20% of the cosine phase; {BAND}")
 
 
 def norms(runs: Dict[str, Setting], path: Path) -> None:
@@ -124,13 +125,8 @@ def norms(runs: Dict[str, Setting], path: Path) -> None:
             _band(ax[1, j], steps, [_ema(h["grad_norm"][layer]) for h in s], color, label, **kw)
         ax[0, j].set(title=f"{LABELS[name]}: ‖θ‖_F per layer", xlabel="step", yscale="log")
         ax[1, j].set(title=f"{LABELS[name]}: ‖g‖_F (EMA 0.9)", xlabel="step", yscale="log")
-        for a in ax[:, j]:
-            a.grid(alpha=0.3)
     ax[0, 0].legend(fontsize=7, title="dashed: wte (tied head), wpe", title_fontsize=7)
-    fig.suptitle(BAND, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _finish(fig, ax.flat, path, legend=False, dpi=80)
 
 
 def histograms(runs: Dict[str, Setting], path: Path) -> None:
@@ -150,13 +146,7 @@ def histograms(runs: Dict[str, Setting], path: Path) -> None:
     ax[0].set(title="block-matrix weights at the end: θ / RMS(layer θ)", xlabel="θ / RMS", ylabel="share",
               yscale="log")
     ax[1].set(title="zoom on |θ| < RMS (the part magnitude pruning removes)", xlim=(-1, 1), xlabel="θ / RMS")
-    for a in ax:
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8)
-    fig.suptitle(BAND, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _finish(fig, ax, path)
 
 
 def pruning(runs: Dict[str, Setting], path: Path) -> None:
@@ -170,12 +160,7 @@ def pruning(runs: Dict[str, Setting], path: Path) -> None:
                   COLORS[name], LABELS[name], marker="o", ms=3)
         a.set(title=f"{mode} magnitude pruning of the block matrices", xlabel="sparsity",
               ylabel="val loss (nats/byte)")
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8)
-    fig.suptitle(BAND, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _finish(fig, ax, path)
 
 
 def all_plots(runs: Dict[str, Setting], out: Path, warmup_frac: float) -> Dict[str, str]:
@@ -202,9 +187,4 @@ def sweep(grid: Sequence[Dict[str, Setting]], lambdas: Sequence[float], path: Pa
         a.set(title=title, xlabel="λ (Scion family: matched peak decay)", ylabel="nats/byte", xscale="log")
         a.set_xticks(list(lambdas), [f"{lam:g}" for lam in lambdas])
         a.xaxis.set_minor_formatter(NullFormatter())
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8)
-    fig.suptitle(BAND, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _finish(fig, ax[0], path)

@@ -1,0 +1,52 @@
+"""Run named checks in WORLD spawned gloo processes and collect, per rank, which passed (used by the distributed
+tests). A file rendezvous in ``out_dir``: no port to pick, so no race with other jobs on the machine."""
+import json
+import os
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def run_checks(rank: int, world: int, out_dir: str, checks) -> None:
+    """Inside a worker: join the group, run every ``name -> fn(rank)`` of ``checks``, write rank<r>.json with "ok" or
+    the traceback per name (also when a check hangs the group or raises outside its own try)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(out_dir, "rendezvous"), rank=rank,
+                            world_size=world, timeout=timedelta(seconds=60))
+    results = {}
+    try:
+        for name, check in checks.items():
+            try:
+                check(rank)
+                results[name] = "ok"
+            except Exception:
+                results[name] = traceback.format_exc()
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+
+
+def spawn(worker, out_dir: str, world: int, timeout_s: float):
+    """Start ``worker(rank, out_dir)`` on ``world`` processes, wait at most ``timeout_s`` (a hang fails the module
+    instead of blocking CI) and return the per-rank result dicts. A worker that exits non-zero raises torch's
+    ProcessExitedException / ProcessRaisedException, whose message names the rank and the exit code or signal."""
+    ctx = mp.spawn(worker, args=(out_dir,), nprocs=world, join=False)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"distributed workers did not finish in {timeout_s} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+    per_rank = []
+    for r in range(world):
+        with open(os.path.join(out_dir, f"rank{r}.json")) as f:
+            per_rank.append(json.load(f))
+    return per_rank
