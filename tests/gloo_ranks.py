@@ -50,3 +50,14 @@ def spawn(worker, out_dir: str, world: int, timeout_s: float):
         with open(os.path.join(out_dir, f"rank{r}.json")) as f:
             per_rank.append(json.load(f))
     return per_rank
+
+
+def local_slice(full, dt):
+    """The part of ``full`` this rank holds for a DTensor laid out like ``dt`` (sharded on <= 1 mesh dim)."""
+    from fusedecay import distributed as fd
+    for mesh_dim, pl in enumerate(dt.placements):
+        if pl.is_shard():
+            sizes = fd._chunk_sizes(full.shape[pl.dim], dt.device_mesh.size(mesh_dim))
+            r = dt.device_mesh.get_local_rank(mesh_dim)
+            return full.narrow(pl.dim, sum(sizes[:r]), sizes[r])
+    return full

@@ -128,16 +128,6 @@ def _mesh(hsdp=False):
     return init_device_mesh("cpu", (WORLD,))
 
 
-def _slice(full, dt):
-    """The part of ``full`` this rank holds for a DTensor laid out like ``dt`` (sharded on <= 1 mesh dim)."""
-    for mesh_dim, pl in enumerate(dt.placements):
-        if pl.is_shard():
-            sizes = fd._chunk_sizes(full.shape[pl.dim], dt.device_mesh.size(mesh_dim))
-            r = dt.device_mesh.get_local_rank(mesh_dim)
-            return full.narrow(pl.dim, sum(sizes[:r]), sizes[r])
-    return full
-
-
 def _fresh_pair(kind, seed=0, hsdp=False):
     torch.manual_seed(seed)
     ref = Net()
@@ -149,13 +139,13 @@ def _assert_matches_reference(ref, ref_opt, sharded, opt):
     ref_params = dict(ref.named_parameters())
     for name, p in sharded.named_parameters():
         assert fd.is_dtensor(p), name
-        assert_close(p.to_local(), _slice(ref_params[name].detach(), p), msg=f"param {name}")
+        assert_close(p.to_local(), gloo_ranks.local_slice(ref_params[name].detach(), p), msg=f"param {name}")
         st, rst = opt.state[p], ref_opt.state[ref_params[name]]
         assert sorted(st) == sorted(rst), (name, sorted(st), sorted(rst))
         for key, v in st.items():
             if fd.is_dtensor(v):
                 assert v.placements == p.placements, (name, key)
-                assert_close(v.to_local(), _slice(rst[key], p), msg=f"{name}.{key}")
+                assert_close(v.to_local(), gloo_ranks.local_slice(rst[key], p), msg=f"{name}.{key}")
             else:
                 assert_close(v, rst[key], msg=f"{name}.{key}")
 
@@ -221,7 +211,7 @@ def _assert_state8_matches(ref, ref_opt, sharded, opt, exact):
                 assert torch.equal(v, w) if exact else torch.allclose(v, w), f"{name}.{key}"
                 continue
             assert v.placements == p.placements, (name, key)
-            local, want = v.to_local(), _slice(w, p)
+            local, want = v.to_local(), gloo_ranks.local_slice(w, p)
             if exact:
                 assert torch.equal(local, want), f"{name}.{key}"
             elif local.dtype in (torch.int8, torch.uint8):
@@ -491,7 +481,7 @@ def _check_sharded_lmo_is_whole_matrix_lmo(rank):
         for kind in ("spectral", "sign", "bias"):
             out = lmo_fn([d.to_local() for d in dts], lmo=kind, **kw)
             for f, d, o in zip(fulls, dts, out):
-                want = _slice(reference_lmo(kind, f, **kw), d)
+                want = gloo_ranks.local_slice(reference_lmo(kind, f, **kw), d)
                 if kind == "bias":  # RMS from an all-reduced Σm²: summation order differs
                     assert_close(o, want, msg=f"{kind} {tuple(f.shape)} {d.placements}")
                 else:
@@ -556,13 +546,13 @@ def _check_nd_sharded_lmo_is_the_polar_factor(rank):
 
         lmo_fn = fd.DistributedLMO([(fd._layout_key(d), shape)], inner)
         out, = lmo_fn([d.to_local()], lmo="spectral", ns_steps=NS_STEPS, ns=NS, ns_dtype=None, matrix_view=view)
-        assert_close(out, _slice(spectral_truth(full, truth_view), d), msg=f"{shape} {pl} {view}")
+        assert_close(out, gloo_ranks.local_slice(spectral_truth(full, truth_view), d), msg=f"{shape} {pl} {view}")
         if local:
             assert seen == [tuple(d.to_local().shape)], (shape, pl, seen)
         else:
             assert seen in ([shape], []) and _count_total(len(seen)) == 1, (shape, pl, seen)
         out, = lmo_fn([d.to_local()], lmo="sign", ns_steps=NS_STEPS, ns=NS, ns_dtype=None, matrix_view=view)
-        assert torch.equal(out, _slice(sign_truth(full, truth_view), d)), f"sign {shape} {pl} {view}"
+        assert torch.equal(out, gloo_ranks.local_slice(sign_truth(full, truth_view), d)), f"sign {shape} {pl} {view}"
 
 
 def _check_nd_scionc_steps_match_closed_form(rank):
@@ -600,8 +590,8 @@ def _check_nd_scionc_steps_match_closed_form(rank):
             theta[i] = (1 - eta) * theta[i] - s * spectral_truth(buf[i], truth_view)
         opt.step()
     for (p, truth_view, _), want, m in zip(params, theta, buf):
-        assert_close(p.to_local(), _slice(want, p), msg=f"param {tuple(p.shape)} {p.placements}")
-        assert_close(opt.state[p]["momentum_buffer"].to_local(), _slice(m, p), msg=f"momentum {tuple(p.shape)}")
+        assert_close(p.to_local(), gloo_ranks.local_slice(want, p), msg=f"param {tuple(p.shape)} {p.placements}")
+        assert_close(opt.state[p]["momentum_buffer"].to_local(), gloo_ranks.local_slice(m, p), msg=f"momentum {tuple(p.shape)}")
 
 
 def _check_state8_parity(kind):

@@ -246,15 +246,6 @@ def _placements():
             "bias": Shard(0), "gain": Replicate(), "one": Shard(0)}
 
 
-def _local_slice(full, dt):
-    for mesh_dim, pl in enumerate(dt.placements):
-        if pl.is_shard():
-            sizes = fd._chunk_sizes(full.shape[pl.dim], dt.device_mesh.size(mesh_dim))
-            r = dt.device_mesh.get_local_rank(mesh_dim)
-            return full.narrow(pl.dim, sum(sizes[:r]), sizes[r])
-    return full
-
-
 def _distributed_run(layout, backend, dtype, variant):
     """``layout``: "dtensor" (sharded DTensor params) or "ddp" (replicated plain params, split_lmo_work)."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -289,7 +280,7 @@ def _distributed_run(layout, backend, dtype, variant):
             if layout == "dtensor":
                 assert fd.is_dtensor(p) and fd.is_dtensor(buf), k
                 got_theta, got_m = p.to_local(), buf.to_local()
-                want_theta, want_m = _local_slice(want_theta, p), _local_slice(want_m, p)
+                want_theta, want_m = gloo_ranks.local_slice(want_theta, p), gloo_ranks.local_slice(want_m, p)
             else:
                 got_theta, got_m = p.detach(), buf
             assert_close(got_theta.detach(), want_theta, dtype=dtype, msg=f"{layout} {backend} step {t}: param {k}")
