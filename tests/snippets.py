@@ -24,6 +24,17 @@ def require(module: str):
     return pytest.importorskip(module, reason=f"{module} is not installed (pip install -e '.[test]')")
 
 
+def cpu_backends():
+    """["reference", "cpu"]: the backends a CPU test runs. Without the compiled CPU kernels "cpu" is left out
+    locally; in CI that is an error, so a failed build cannot shrink the suite to the reference silently."""
+    from fusedecay import available_backends, backends
+    if "cpu" in available_backends():
+        return ["reference", "cpu"]
+    if in_ci():
+        raise RuntimeError(f"the compiled CPU backend is unavailable in CI: {backends.unavailable_reasons()}")
+    return ["reference"]
+
+
 def python_block(relpath: str, heading: str) -> str:
     """The first ```python block after the line ``heading`` (a Markdown heading, matched whole) in ``relpath``."""
     text = open(os.path.join(ROOT, relpath)).read()

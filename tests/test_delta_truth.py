@@ -17,7 +17,8 @@ import torch
 
 import float64_truth as T
 from fusedecay import AdamC, AdamHD, backends
-from tolerances import assert_close
+from snippets import cpu_backends, require
+from tolerances import ATOL, RTOL, assert_close
 
 F64 = torch.float64
 STEPS = 5
@@ -119,8 +120,6 @@ def _variant_id(v):
     return "-".join(k for k, on in v.items() if on) or "plain"
 
 
-def _cpu_backend_available():
-    return "cpu" in backends.available_backends()
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
@@ -128,7 +127,7 @@ def _cpu_backend_available():
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("kind", ["AdamHD", "AdamC"])
 def test_class_matches_float64_truth(kind, backend, dtype, variant):
-    if backend == "cpu" and not _cpu_backend_available():
+    if backend not in cpu_backends():
         pytest.skip(f"CPU extension not built: {backends.unavailable_reasons()}")
     run_class_against_truth(kind, backend, dtype, **variant)
 
@@ -137,7 +136,7 @@ def test_class_matches_float64_truth(kind, backend, dtype, variant):
 @pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
 @pytest.mark.parametrize("kind", ["AdamHD", "AdamC"])
 def test_triton_class_matches_float64_truth(kind, variant):
-    pytest.importorskip("triton")
+    require("triton")
     run_class_against_truth(kind, "triton", torch.float32, device="cuda" if CUDA else "cpu", **variant)
 
 
@@ -194,7 +193,7 @@ KERNEL_CASES = [("prox", "ema", False), ("prox", "mean", True), ("euler", "ema",
 
 
 def _cpu_kernel(chunk_size=64):
-    cpp = pytest.importorskip("fusedecay._cpp_backend")
+    cpp = require("fusedecay._cpp_backend")
 
     def run(*args, **kw):
         return cpp.adam_decay(*args, chunk_size=chunk_size, **kw)
@@ -211,7 +210,7 @@ def test_cpu_kernel_matches_float64_truth(decay, delta_mode, corrected, dtype):
 @pytest.mark.triton
 @pytest.mark.parametrize("decay,delta_mode,corrected", KERNEL_CASES)
 def test_triton_kernel_matches_float64_truth(monkeypatch, decay, delta_mode, corrected):
-    pytest.importorskip("triton")
+    require("triton")
     from fusedecay.triton_kernels import adam_decay as K
     if not CUDA:   # small blocks: tensors span several blocks at these sizes
         monkeypatch.setattr(K, "DEFAULT_BLOCK", 32)
@@ -245,16 +244,18 @@ def test_truth_delta_bookkeeping_by_hand():
     zero gradient (u = 0, so θ_t is the decay alone: prox inside the quadratic zone divides by 1 + τ)."""
     tr = T.AdamDecayTruth(torch.tensor([0.2, -0.6], dtype=F64), decay="prox", weight_decay=0.5, delta_mode="ema",
                           delta_scale=2.0, delta_beta=0.75)
-    assert float(tr.current_delta()) == pytest.approx(2.0 * 0.4)            # c·mean|θ_0|
+    # c·mean|θ_0|
+    assert float(tr.current_delta()) == pytest.approx(2.0 * 0.4, rel=RTOL[F64], abs=ATOL[F64])
     tr.step(torch.zeros(2, dtype=F64), lr=0.1)                               # τ = 0.05; |θ̃| ≤ (1 + τ)δ
-    assert tr.theta.tolist() == pytest.approx([0.2 / 1.05, -0.6 / 1.05])
-    assert float(tr.mu) == pytest.approx(0.75 * 0.4 + 0.25 * 0.4 / 1.05)    # from the decayed weights
+    assert tr.theta.tolist() == pytest.approx([0.2 / 1.05, -0.6 / 1.05], rel=RTOL[F64], abs=ATOL[F64])
+    # μ from the decayed weights
+    assert float(tr.mu) == pytest.approx(0.75 * 0.4 + 0.25 * 0.4 / 1.05, rel=RTOL[F64], abs=ATOL[F64])
     tr = T.AdamDecayTruth(torch.tensor([3.0], dtype=F64), decay="prox", weight_decay=0.5, delta_mode="fixed",
                           delta=0.5)
     tr.step(torch.zeros(1, dtype=F64), lr=0.1)                               # outside: θ − τδ sign(θ)
-    assert tr.theta.tolist() == pytest.approx([3.0 - 0.05 * 0.5])
+    assert tr.theta.tolist() == pytest.approx([3.0 - 0.05 * 0.5], rel=RTOL[F64], abs=ATOL[F64])
     assert T.mean_abs(torch.zeros(0, dtype=F64)).item() == 0.0
     # corrected: λ_t = λγ_t/γ_max, l2 with a zero gradient is θ(1 − γ·λγ/γ_max)
     tr = T.AdamDecayTruth(torch.tensor([1.0], dtype=F64), decay="l2", weight_decay=0.5, max_lr=0.2)
     tr.step(torch.zeros(1, dtype=F64), lr=0.1)
-    assert tr.theta.tolist() == pytest.approx([1 - 0.1 * 0.5 * 0.1 / 0.2])
+    assert tr.theta.tolist() == pytest.approx([1 - 0.1 * 0.5 * 0.1 / 0.2], rel=RTOL[F64], abs=ATOL[F64])

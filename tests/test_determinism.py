@@ -8,9 +8,10 @@ reference must give params, moments and μ bitwise equal at 1 and 2 threads, ove
 import pytest
 import torch
 
-from fusedecay import AdamHD, available_backends
+from fusedecay import AdamHD
+from snippets import cpu_backends
 
-BACKENDS = ["reference"] + (["cpu"] if "cpu" in available_backends() else [])
+BACKENDS = cpu_backends()
 SHAPES = [(1000, 777), (33001,), (5, 3), (0,), (70000,)]
 
 

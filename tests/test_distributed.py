@@ -208,7 +208,10 @@ def _assert_state8_matches(ref, ref_opt, sharded, opt, exact):
         pairs = [("param", p, rp.detach())] + [(k, v, rst[k]) for k, v in st.items()]
         for key, v, w in pairs:
             if not fd.is_dtensor(v):
-                assert torch.equal(v, w) if exact else torch.allclose(v, w), f"{name}.{key}"
+                if exact:
+                    assert torch.equal(v, w), f"{name}.{key}"
+                else:
+                    assert_close(v, w, msg=f"{name}.{key}")
                 continue
             assert v.placements == p.placements, (name, key)
             local, want = v.to_local(), gloo_ranks.local_slice(w, p)
@@ -591,7 +594,8 @@ def _check_nd_scionc_steps_match_closed_form(rank):
         opt.step()
     for (p, truth_view, _), want, m in zip(params, theta, buf):
         assert_close(p.to_local(), gloo_ranks.local_slice(want, p), msg=f"param {tuple(p.shape)} {p.placements}")
-        assert_close(opt.state[p]["momentum_buffer"].to_local(), gloo_ranks.local_slice(m, p), msg=f"momentum {tuple(p.shape)}")
+        assert_close(opt.state[p]["momentum_buffer"].to_local(), gloo_ranks.local_slice(m, p),
+                     msg=f"momentum {tuple(p.shape)}")
 
 
 def _check_state8_parity(kind):

@@ -12,9 +12,10 @@ import torch
 
 from fusedecay import AdamC, AdamHD, ScionC, available_backends
 from host_sync_guard import HOST_READS, no_host_reads
+from snippets import cpu_backends
 from tolerances import assert_close
 
-CPU_BACKENDS = ["reference"] + (["cpu"] if "cpu" in available_backends() else [])
+CPU_BACKENDS = cpu_backends()
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SHAPES = [(9, 7), (13,), (1,), (0,), (70001,)]
 

@@ -9,7 +9,7 @@ slack: the kernel checks use λ large enough to make the decay visible, e.g. tes
 """
 import torch
 
-from tolerances import BF16_ERROR_FACTOR, low_precision_ok, rel_error
+from tolerances import BF16_ERROR_FACTOR, low_precision_ok
 
 LR, WD, B1, B2, EPS, STEPS = 1e-2, 0.25, 0.9, 0.999, 1e-8, 5
 
@@ -41,5 +41,4 @@ def test_bf16_rule_rejects_an_update_that_drops_the_decay():
     assert low_precision_ok(eager, eager, truth)[0]            # the eager implementation passes its own bar
     ok, e_wrong, e_eager = low_precision_ok(no_decay, eager, truth)
     assert not ok, f"a bf16 update without decay was accepted: err {e_wrong:.3e} vs eager {e_eager:.3e}"
-    assert rel_error(no_decay, truth) == e_wrong and e_wrong > BF16_ERROR_FACTOR * e_eager
     assert e_wrong <= BF16_ERROR_FACTOR * e_eager + torch.finfo(torch.bfloat16).eps   # what a slack would hide
