@@ -6,6 +6,7 @@ import time
 import traceback
 from datetime import timedelta
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -23,7 +24,7 @@ def run_checks(rank: int, world: int, out_dir: str, checks) -> None:
             try:
                 check(rank)
                 results[name] = "ok"
-            except Exception:
+            except (Exception, pytest.fail.Exception):   # pytest.raises/fail raise a BaseException
                 results[name] = traceback.format_exc()
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

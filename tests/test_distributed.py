@@ -628,10 +628,13 @@ def _check_state8_needs_row_shards(rank):
     from torch.distributed.tensor import Shard, distribute_tensor
 
     p = nn.Parameter(distribute_tensor(torch.randn(64, 128), _mesh(), [Shard(1)]))
-    opt = AdamC([p], lr=0.1, state_bits=8)
-    p.grad = distribute_tensor(torch.randn(64, 128), _mesh(), [Shard(1)])
+    with pytest.raises(NotImplementedError, match="Shard\\(0\\) or Replicate"):   # when the group is added
+        AdamC([p], lr=0.1, state_bits=8)
+    opt = AdamC([p], lr=0.1, state_bits=32)
     with pytest.raises(NotImplementedError, match="Shard\\(0\\) or Replicate"):
-        opt.step()
+        opt.add_param_group({"params": [nn.Parameter(distribute_tensor(torch.randn(64, 128), _mesh(), [Shard(1)]))],
+                             "state_bits": 8})
+    assert len(opt.param_groups) == 1
 
 
 def _checks(ckpt_root):

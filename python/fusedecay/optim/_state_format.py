@@ -53,9 +53,13 @@ def full_precision_copy(p: Tensor, state: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def _check_placements(p: Tensor) -> None:
+def check_placements(group: Dict[str, Any], p: Tensor) -> None:
+    """A DTensor ``p`` that gets 8-bit state in ``group`` must keep whole dim-0 rows on each rank (checked when the
+    group is added, so a step or a load never fails half-way on it)."""
+    if not (_dist.is_dtensor(p) and wants_state8(group, p)):
+        return
     for pl in p.placements:
-        if not (pl.is_replicate() or (type(pl).__name__ == "Shard" and pl.dim == 0)):
+        if not (pl.is_replicate() or (type(pl).__name__ == "Shard" and pl.dim == 0)):  # not _StridedShard
             raise NotImplementedError(
                 f"fusedecay: 8-bit optimizer state needs Shard(0) or Replicate placements (blocks are whole "
                 f"dim-0 rows), got {tuple(p.placements)}; use state_bits=32 for this param group")
@@ -83,8 +87,6 @@ def _as_param_layout(p: Tensor, local: Tensor) -> Tensor:
 def new_moments(group: Dict[str, Any], p: Tensor) -> Dict[str, Tensor]:
     """Zero moments for ``p`` in the format of ``group``."""
     if wants_state8(group, p):
-        if _dist.is_dtensor(p):
-            _check_placements(p)
         rows = _dist.local(p).shape[0]
         blocks = state8.scale_shape(p.shape)[1]
         zeros = lambda dt: torch.zeros_like(p, dtype=dt, memory_format=torch.contiguous_format)  # noqa: E731
@@ -111,8 +113,6 @@ def convert_moments(group: Dict[str, Any], p: Tensor, state: Dict[str, Any]) -> 
         return
     loc = _dist.local
     if want8:
-        if _dist.is_dtensor(p):
-            _check_placements(p)
         m = loc(state.pop("exp_avg")).to(torch.float32)
         v = loc(state.pop("exp_avg_sq")).to(torch.float32)
         (mc, ms), (vc, vs) = state8.quantize_exp_avg(m), state8.quantize_exp_avg_sq(v)

@@ -23,9 +23,6 @@ from ..functional import DELTA_MODES, UPDATES, _mu_dtype, adam_decay, init_delta
 from . import _checkpoint as C
 from . import _state_format as SF
 
-_STRIDED = torch.strided
-
-
 class _AdamDecayBase(Optimizer):
     """Shared machinery; subclasses set ``_decay_of(group)``."""
 
@@ -65,6 +62,8 @@ class _AdamDecayBase(Optimizer):
             if isinstance(p, Tensor) and (torch.is_complex(p) or not p.is_floating_point()):
                 raise TypeError(f"fusedecay optimizers need real floating-point params, got {p.dtype}")
         V.check_params(self.param_groups, len(self.param_groups), params, param_group.get("param_names"))
+        for p in params:
+            SF.check_placements(merged, p)
         lr = merged["lr"]
         # γ at construction: AdamC's default γ_max when no scheduler set initial_lr.
         param_group.setdefault("init_lr", lr.clone() if isinstance(lr, Tensor) else lr)
@@ -99,8 +98,6 @@ class _AdamDecayBase(Optimizer):
             g = p.grad
             if g is None:
                 continue
-            if g.layout is not _STRIDED or g.dtype not in V.REAL_FLOAT_DTYPES or p.dtype not in V.REAL_FLOAT_DTYPES:
-                V.grad_ok(p)  # raises the error that names the problem
             state = states[p]
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
