@@ -329,3 +329,35 @@ def test_state_with_moments_in_two_formats_raises_and_changes_nothing():
     with pytest.raises(ValueError, match=r"lacks \['exp_avg_sq_scales'\]"):
         opt.load_state_dict(half)
     assert all(torch.equal(opt.state[p][k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_switch_between_8bit_optimizers_keeps_codes_and_scales(dtype):
+    """AdamHD(state_bits=8) → AdamC(state_bits=8): the moments are decoded and encoded again, and the codec is
+    idempotent on its own values, so codes and scales come back bit for bit (bf16 params included: no bf16 detour)."""
+    p = torch.nn.Parameter(torch.randn(2, 4096, generator=torch.Generator().manual_seed(3)).to(dtype))
+    src = AdamHD([p], lr=0.01, weight_decay=0.1, state_bits=8)
+    for t in range(K):
+        p.grad = _grads(t, [p])[0].to(dtype)
+        src.step()
+    sd = src.state_dict()
+    q = torch.nn.Parameter(p.detach().clone())
+    new = AdamC([q], lr=0.01, weight_decay=0.1, state_bits=8)
+    new.load_state_dict(sd)
+    for k in ("exp_avg_codes", "exp_avg_scales", "exp_avg_sq_codes", "exp_avg_sq_scales"):
+        assert torch.equal(new.state[q][k], sd["state"][0][k]), k
+    assert float(new.state[q]["step"]) == K
+
+
+def test_switch_from_malformed_8bit_state_raises_naming_the_field_and_changes_nothing():
+    p, sd = _state8_run()
+    q = torch.nn.Parameter(p.detach().clone())
+    new = AdamC([q], lr=0.01, weight_decay=0.1)
+    st = sd["state"][0]
+    cases = [({k: v for k, v in st.items() if k != "exp_avg_scales"}, r"lack 'exp_avg_scales'"),
+             (dict(st, exp_avg_sq_codes=st["exp_avg_sq_codes"][:, :100]), r"'exp_avg_sq_codes' .* has shape"),
+             (dict(st, exp_avg_codes=st["exp_avg_codes"].to(torch.uint8)), r"'exp_avg_codes' .* has dtype")]
+    for bad, match in cases:
+        with pytest.raises(ValueError, match=match):
+            new.load_state_dict({"state": {0: bad}, "param_groups": sd["param_groups"]})
+        assert not new.state

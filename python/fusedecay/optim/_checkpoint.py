@@ -198,7 +198,13 @@ def adam_state_as_native(optimizer: Optimizer, state_dict: Mapping[str, Any],
             continue
         group = group_of[id(p)]
         label = param_label(optimizer.param_groups, p)
-        st = _state_format.full_precision_copy(p, st)   # AdamHD/AdamC 8-bit moments: decoded first
+        if any(k in st for k in _state_format.STATE8_KEYS):   # AdamHD/AdamC 8-bit moments: checked, then decoded
+            for name, (shape, dtype) in _state_format.state8_spec(p.shape).items():
+                if name not in st:
+                    raise ValueError(f"load_state_dict: the 8-bit moments of {label} lack '{name}' "
+                                     f"(fields: {sorted(st)})")
+                _check_field(label, name, st[name], shape, dtype)
+            st = _state_format.full_precision_copy(p, st)
         missing = [k for k in ADAM_FIELDS if k not in st]
         unknown = sorted(set(st) - set(ADAM_FIELDS) - set(_DROPPED))
         if missing or unknown:
@@ -214,7 +220,9 @@ def adam_state_as_native(optimizer: Optimizer, state_dict: Mapping[str, Any],
         dropped |= {k for k in st if k in _DROPPED and _DROPPED[k]}
         step = st["step"]
         step = step.detach().reshape(()) if isinstance(step, Tensor) else torch.tensor(float(step))
-        mdt = moment_dtype(group, p)
+        # Moments this optimizer keeps in 8 bits stay float32 until _finish_load encodes them: a bf16 detour would
+        # round the decoded values (and so the re-derived codes and scales).
+        mdt = torch.float32 if _state_format.wants_state8(group, p) else moment_dtype(group, p)
         entry = {"step": step.to(dtype=torch.float32, device=step_device(group, p)),
                  "exp_avg": st["exp_avg"].to(device=p.device, dtype=mdt),
                  "exp_avg_sq": st["exp_avg_sq"].to(device=p.device, dtype=mdt)}
