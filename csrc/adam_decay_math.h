@@ -190,7 +190,9 @@ FD_HD StepScalars<T> make_step_scalars(const KernelScalars<T>& ks, float step, T
 }
 
 // The fused δ-tracking update of one tensor, after its Σ|θ_t| is known (AdamHD Eq. 8–9; β0 = 0 is Eq. 7):
-// μ ← β0·μ + (1 − β0)·(Σ|θ_t| / n), with the roundings of fusedecay.functional.update_delta_mu.
+// μ ← β0·μ + (1 − β0)·(Σ|θ_t| / n), with the roundings of fusedecay.functional.update_delta_mu on the CPU
+// (-ffp-contract=off); nvcc and Triton may contract the multiply-add into an FMA, so a GPU's μ can differ in the
+// last bit.
 template <typename T>
 FD_HD T delta_mu_next(T mu, T abs_sum, T n, const Hyper<T>& h) {
   return mu * h.mu_beta + (abs_sum / n) * h.mu_one_minus_beta;

@@ -270,6 +270,21 @@ def test_empty_inputs():
     assert st.sums[0].tolist() == [0.0, 0.0]
 
 
+def test_negative_zero_delta_clips_like_zero_in_vector_lanes_and_tail():
+    """δ = −0.0 (accepted by the op: it is not below 0) must act as δ = 0 in the vector body and the scalar tail
+    alike: the vector clip takes the limit from δ's bit pattern, where −0.0 has the sign bit set."""
+    shapes = [(4097,), (7,)]
+    grads = make_grads(shapes, 1, torch.float32)[0]
+    runs = []
+    for d in (0.0, -0.0):
+        st = make_state(shapes, torch.float32)
+        cpp.adam_decay(st.params, grads, st.exp_avgs, st.exp_avg_sqs, st.steps, None, None,
+                       **hyper("prox", delta_fixed=d))
+        runs.append(st.params)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 def test_without_abs_sums():
     shapes = [(4097,), (7,)]
     st = make_state(shapes, torch.float32)

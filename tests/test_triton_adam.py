@@ -280,6 +280,10 @@ def test_errors_name_the_argument():
               delta_scale=1.0, max_lr=None, bias_correction=True, maximize=False)
     with pytest.raises(ValueError, match="delta_mus"):
         K.adam_decay(params, grads, m, v, steps, None, None, **kw)
+    with pytest.raises(ValueError, match="params\\[0\\]: dtype torch.int8"):   # code dtypes are for moments only
+        K.adam_decay([params[0].to(torch.int8)], grads, m, v, steps, None, None, **{**kw, "decay": "l2"})
+    with pytest.raises(ValueError, match="grads\\[0\\]: dtype torch.uint8"):
+        K.adam_decay(params, [grads[0].to(torch.uint8)], m, v, steps, None, None, **{**kw, "decay": "l2"})
     with pytest.raises(ValueError, match="decay"):
         K.adam_decay(params, grads, m, v, steps, None, None, **{**kw, "decay": "l1"})
     with pytest.raises(ValueError, match="state_steps"):

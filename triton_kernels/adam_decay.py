@@ -49,8 +49,8 @@ DEFAULT_NUM_WARPS = 8
 REDUCE_BLOCK = 256
 CACHE_SIZE = 64  # distinct tensor sets whose metadata stays on the device (see docs/triton.md)
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
-              torch.int8: tl.int8, torch.uint8: tl.uint8}
+_FLOAT_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_TL_DTYPES = {**_FLOAT_TL_DTYPES, torch.int8: tl.int8, torch.uint8: tl.uint8}  # + 8-bit moment codes
 # Rows of the pointer table, in order (scales: 8-bit state only; mu_numel: n of μ's update).
 _ROWS = ("param", "grad", "exp_avg", "exp_avg_sq", "step", "delta_mu", "numel", "exp_avg_scale", "exp_avg_sq_scale",
          "mu_numel")
@@ -273,7 +273,8 @@ def _ordered_abs_sum_kernel(partials_ptr, meta_ptr, n_tensors, first_block_offse
                             found_inf_ptr, mu_beta, mu_one_minus_beta, UPDATE_MU: tl.constexpr,
                             HAS_FOUND_INF: tl.constexpr, RBLOCK: tl.constexpr):
     """out[out_index[t]] = Σ partials[first_block[t] : first_block[t+1]], in a fixed order; with UPDATE_MU
-    also μ_t ← β0·μ_t + (1 − β0)·Σ/n_t (unless found_inf), the roundings of functional.update_delta_mu."""
+    also μ_t ← β0·μ_t + (1 − β0)·Σ/n_t (unless found_inf), the operations of functional.update_delta_mu (Triton
+    may fuse the multiply-add: last-bit differences on a GPU)."""
     t = tl.program_id(0)
     lo = tl.load(meta_ptr + first_block_offset + t)
     hi = tl.load(meta_ptr + first_block_offset + t + 1)
@@ -381,9 +382,9 @@ def _check_tensors(device, params, grads, exp_avgs, exp_avg_sqs, state_steps, de
     p_dtype = params[0].dtype
     for i in range(n):
         p = params[i]
-        if p.dtype != p_dtype or p.dtype not in _TL_DTYPES:
+        if p.dtype != p_dtype or p.dtype not in _FLOAT_TL_DTYPES:
             raise ValueError(f"params[{i}]: dtype {p.dtype} (the triton backend needs one of "
-                             f"{tuple(_TL_DTYPES)} per launch, all params alike)")
+                             f"{tuple(_FLOAT_TL_DTYPES)} per launch, all params alike)")
         for name, lst in lists:
             x = lst[i]
             if x.device != device:
@@ -391,7 +392,7 @@ def _check_tensors(device, params, grads, exp_avgs, exp_avg_sqs, state_steps, de
         for name, x in (("grads", grads[i]), ("exp_avgs", exp_avgs[i]), ("exp_avg_sqs", exp_avg_sqs[i])):
             if x.numel() != p.numel():
                 raise ValueError(f"{name}[{i}] has {x.numel()} elements, params[{i}] has {p.numel()}")
-            if x.dtype not in _TL_DTYPES:
+            if x.dtype not in (_FLOAT_TL_DTYPES if name == "grads" else _TL_DTYPES):
                 raise ValueError(f"{name}[{i}]: dtype {x.dtype} not supported by the triton backend")
         if state_steps[i].dtype != torch.float32 or state_steps[i].numel() != 1:
             raise ValueError(f"state_steps[{i}] must be a one-element float32 tensor, got "

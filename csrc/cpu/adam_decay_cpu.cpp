@@ -102,14 +102,15 @@ FD_ALWAYS_INLINE F16 fd_sqrt(F16 a) {
   return r;
 }
 // clip(x, −d, d) for d ≥ 0 as sign(x)·min(|x|, d), the minimum taken on the bit patterns (non-negative floats
-// order like their bits): an integer min, which GCC lowers to vpminud in every clone, where a float compare and
-// select on the 64-byte type is scalarised in the clones without 512-bit registers. Equal to the scalar fd_clip
-// for every non-NaN x (and d NaN or +inf leave x as it is, as there); for a NaN x it gives ±d where fd_clip keeps
-// the NaN, which the callers subtract from an expression already holding that NaN, so θ_t is the same NaN.
+// order like their bits): an integer min, which GCC lowers to vpminud in the AVX2/AVX-512 clones, where a float
+// compare and select on the 64-byte type is scalarised in the clones without 512-bit registers. Equal to the
+// scalar fd_clip for every non-NaN x (and d NaN or +inf leave x as it is, as there); for a NaN x it gives ±d where
+// fd_clip keeps the NaN, which the callers subtract from an expression already holding that NaN, so θ_t is the
+// same NaN.
 FD_ALWAYS_INLINE F16 fd_clip(F16 x, float d) {
   const u32x16 xb = (u32x16)x.v;
   const u32x16 mag = xb & 0x7fffffffu;
-  const u32x16 db = u32x16{} + float_to_bits(d);
+  const u32x16 db = u32x16{} + (float_to_bits(d) & 0x7fffffffu);  // d = −0.0 clips to ±0, as fd_clip does
   const u32x16 lim = mag < db ? mag : db;
   return F16{(f32x16)(lim | (xb & 0x80000000u))};
 }
