@@ -33,12 +33,8 @@ def _buckets(tensors: Sequence[Tensor], scales: Optional[Sequence[Optional[Tenso
              ) -> Dict[Tuple[torch.device, torch.dtype, bool], List[int]]:
     """Indices per (device, dtype, 8-bit state?): one kernel call each."""
     out: Dict[Tuple[torch.device, torch.dtype, bool], List[int]] = defaultdict(list)
-    if scales is None:
-        for i, t in enumerate(tensors):
-            out[(t.device, t.dtype, False)].append(i)
-    else:
-        for i, (t, s) in enumerate(zip(tensors, scales)):
-            out[(t.device, t.dtype, s is not None)].append(i)
+    for i, t in enumerate(tensors):
+        out[(t.device, t.dtype, scales is not None and scales[i] is not None)].append(i)
     return out
 
 
@@ -100,10 +96,15 @@ def adam_decay(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
     mu_beta = 0.0 if delta_mode == "mean" else delta_beta
 
     on = _PerDevice()
-    for (device, dtype, quantized), idx in _buckets(params, exp_avg_scales).items():
+    buckets = _buckets(params, exp_avg_scales)
+    steps_on: Dict[torch.device, List[Tensor]] = defaultdict(list)   # one increment (and found_inf undo) per device
+    for (device, _, _), idx in buckets.items():
+        steps_on[device] += [state_steps[i] for i in idx]
+    for device, steps in steps_on.items():
+        _increment_steps(steps, device)
+    for (device, dtype, quantized), idx in buckets.items():
         impl = _backends.resolve(backend, device, dtype).adam_decay
         sub = lambda lst: [lst[i] for i in idx]  # noqa: E731
-        _increment_steps(sub(state_steps), device)
         abs_sums = torch.empty(len(idx), dtype=_mu_dtype(dtype), device=device) if tracks else None
         sizes = None
         if tracks and (numels is not None or abs_sum_reduce is not None):
@@ -123,13 +124,13 @@ def adam_decay(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
              delta_beta=mu_beta if fused_mu else None, numels=sizes if fused_mu else None)
         if tracks and not fused_mu:
             update_delta_mu(sub(delta_mus), abs_sum_reduce(abs_sums), sizes, mu_beta, fi)
-        if fi is not None:
-            steps = sub(state_steps)  # on the bucket's device, like fi
-            torch._foreach_sub_(steps, [fi.to(torch.float32)] * len(steps))
+    if found_inf is not None:
+        for device, steps in steps_on.items():   # an overflow step does not count
+            torch._foreach_sub_(steps, [on(found_inf, device).to(torch.float32)] * len(steps))
 
 
 def _increment_steps(steps: List[Tensor], device: torch.device) -> None:
-    """t ← t + 1 for one bucket's step counters (on its params' device). On the CPU the compiled extension does
+    """t ← t + 1 for the step counters of the params on one device. On the CPU the compiled extension does
     it in one call; torch's foreach add there is a loop of small ops (~1.4 µs per tensor)."""
     op = getattr(torch.ops.fusedecay, "_increment_steps_", None) if device.type == "cpu" else None
     if op is not None:

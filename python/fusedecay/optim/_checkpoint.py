@@ -64,8 +64,8 @@ def is_native(optimizer: Optimizer, saved_groups: List[dict], all_option_keys: s
     return all(required <= set(g) and not (set(g) & all_option_keys) - own for g in saved_groups)
 
 
-def check_native(optimizer: Optimizer, state_dict: Mapping[str, Any], spec: Callable[[dict, Tensor], Tuple[Spec, Spec]],
-                 merged_group: Callable[[dict, dict], dict]) -> None:
+def check_native(optimizer: Optimizer, state_dict: Mapping[str, Any],
+                 spec: Callable[[dict, Tensor], Tuple[Spec, Spec, Sequence[Sequence[str]]]], merged_group: Callable[[dict, dict], dict]) -> None:
     """Every check of a native load (see module docstring); raises before anything is changed."""
     groups, saved_groups = optimizer.param_groups, state_dict["param_groups"]
     if len(groups) != len(saved_groups):
@@ -103,7 +103,7 @@ def check_param_state(optimizer: Optimizer, p: Tensor, st: Mapping[str, Any], re
     unknown = sorted(set(st) - set(required) - set(optional))
     if unknown:
         raise ValueError(f"load_state_dict: the state of {label} has fields {unknown} that "
-                         f"{type(optimizer).__name__} does not keep")
+                         f"{type(optimizer).__name__} does not keep for this param (its group, shape and dtype)")
     if one_of:
         present = [fields for fields in one_of if any(k in st for k in fields)]
         if len(present) > 1:

@@ -15,7 +15,7 @@ scales at the same rows; other placements (``Shard(d > 0)``) would cut blocks an
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Tuple
 
 import torch
 from torch import Tensor
@@ -45,12 +45,16 @@ def full_precision_copy(p: Tensor, state: Dict[str, Any]) -> Dict[str, Any]:
     if "exp_avg_codes" not in state:
         return state
     out = {k: v for k, v in state.items() if k not in STATE8_KEYS}
-    loc = _dist.local
-    out["exp_avg"] = _as_param_layout(p, state8.dequantize_exp_avg(loc(state["exp_avg_codes"]),
-                                                                    loc(state["exp_avg_scales"])))
-    out["exp_avg_sq"] = _as_param_layout(p, state8.dequantize_exp_avg_sq(loc(state["exp_avg_sq_codes"]),
-                                                                         loc(state["exp_avg_sq_scales"])))
+    out["exp_avg"], out["exp_avg_sq"] = _decoded(p, state, torch.float32)
     return out
+
+
+def _decoded(p: Tensor, state: Dict[str, Any], dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """The values of ``state``'s 8-bit moments (this rank's shard), as ``dtype`` tensors laid out like ``p``."""
+    loc = _dist.local
+    m = state8.dequantize_exp_avg(loc(state["exp_avg_codes"]), loc(state["exp_avg_scales"]))
+    v = state8.dequantize_exp_avg_sq(loc(state["exp_avg_sq_codes"]), loc(state["exp_avg_sq_scales"]))
+    return _as_param_layout(p, m.to(dtype)), _as_param_layout(p, v.to(dtype))
 
 
 def check_placements(group: Dict[str, Any], p: Tensor) -> None:
@@ -111,15 +115,13 @@ def convert_moments(group: Dict[str, Any], p: Tensor, state: Dict[str, Any]) -> 
     want8 = wants_state8(group, p)
     if want8 == has8:
         return
-    loc = _dist.local
     if want8:
-        m = loc(state.pop("exp_avg")).to(torch.float32)
-        v = loc(state.pop("exp_avg_sq")).to(torch.float32)
+        m = _dist.local(state.pop("exp_avg")).to(torch.float32)
+        v = _dist.local(state.pop("exp_avg_sq")).to(torch.float32)
         (mc, ms), (vc, vs) = state8.quantize_exp_avg(m), state8.quantize_exp_avg_sq(v)
         state.update(exp_avg_codes=_as_param_layout(p, mc), exp_avg_scales=_scales_like(p, ms),
                      exp_avg_sq_codes=_as_param_layout(p, vc), exp_avg_sq_scales=_scales_like(p, vs))
     else:
-        codes_m, scales_m, codes_v, scales_v = (loc(state.pop(k)) for k in STATE8_KEYS)
-        mdt: Optional[torch.dtype] = group.get("moment_dtype") or p.dtype
-        state["exp_avg"] = _as_param_layout(p, state8.dequantize_exp_avg(codes_m, scales_m).to(mdt))
-        state["exp_avg_sq"] = _as_param_layout(p, state8.dequantize_exp_avg_sq(codes_v, scales_v).to(mdt))
+        state["exp_avg"], state["exp_avg_sq"] = _decoded(p, state, group.get("moment_dtype") or p.dtype)
+        for k in STATE8_KEYS:
+            del state[k]

@@ -88,7 +88,7 @@ class _AdamDecayBase(Optimizer):
     def _check_step_inputs(self) -> None:
         V.step_inputs(self, "step")
 
-    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, steps, mus, scales):
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, steps, mus, m_scales, v_scales):
         """Fills the lists for one group; ``scales`` gets (exp_avg_scales, exp_avg_sq_scales) per param (None for
         full-precision moments) when the group has ``state_bits=8``."""
         tracks = self._tracks_delta(group)
@@ -109,12 +109,14 @@ class _AdamDecayBase(Optimizer):
             if state8 and "exp_avg_codes" in state:
                 exp_avgs.append(state["exp_avg_codes"])
                 exp_avg_sqs.append(state["exp_avg_sq_codes"])
-                scales.append((state["exp_avg_scales"], state["exp_avg_sq_scales"]))
+                m_scales.append(state["exp_avg_scales"])
+                v_scales.append(state["exp_avg_sq_scales"])
             else:
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_sqs.append(state["exp_avg_sq"])
                 if state8:
-                    scales.append((None, None))
+                    m_scales.append(None)
+                    v_scales.append(None)
             steps.append(state["step"])
             if tracks:
                 mus.append(state["delta_mu"])
@@ -133,8 +135,8 @@ class _AdamDecayBase(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         self._check_step_inputs()
         for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, steps, mus, scales = [], [], [], [], [], [], []
-            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps, mus, scales)
+            params, grads, exp_avgs, exp_avg_sqs, steps, mus, m_scales, v_scales = [], [], [], [], [], [], [], []
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps, mus, m_scales, v_scales)
             if not params:
                 continue
             beta1, beta2 = group["betas"]
@@ -147,8 +149,7 @@ class _AdamDecayBase(Optimizer):
                        delta_beta=group.get("delta_beta", 0.0), max_lr=self._max_lr(group),
                        bias_correction=group["bias_correction"], maximize=group["maximize"],
                        backend=group["backend"], grad_scale=grad_scale, found_inf=found_inf,
-                       exp_avg_scales=[s[0] for s in scales] if scales else None,
-                       exp_avg_sq_scales=[s[1] for s in scales] if scales else None)
+                       exp_avg_scales=m_scales or None, exp_avg_sq_scales=v_scales or None)
         return loss
 
     # -- checkpoints -----------------------------------------------------------------------------

@@ -57,7 +57,9 @@ def abs_sum(x: Tensor) -> Tensor:
     s = x.detach().reshape(-1).to(math_dtype(x.dtype)).abs()
     while s.numel() > ABS_SUM_BLOCK:
         rows = -(-s.numel() // ABS_SUM_BLOCK)
-        s = torch.nn.functional.pad(s, (0, rows * ABS_SUM_BLOCK - s.numel())).view(rows, ABS_SUM_BLOCK).sum(dim=1)
+        if s.numel() != rows * ABS_SUM_BLOCK:   # zeros complete the last block (a copy only when one is partial)
+            s = torch.nn.functional.pad(s, (0, rows * ABS_SUM_BLOCK - s.numel()))
+        s = s.view(rows, ABS_SUM_BLOCK).sum(dim=1)
     return s.sum()
 
 
