@@ -144,6 +144,12 @@ def scionc_step(theta: Tensor, m: Tensor, g: Tensor, *, lr: float, lmo: str, mom
 # AdamHD / AdamC
 # ------------------------------------------------------------------------------------------------
 
+def mu_update(mu: float, abs_sum: float, numel: int, beta: float, skipped: bool = False) -> float:
+    """AdamHD's δ tracking after a step (Eq. 8–9): μ ← β·μ + (1 − β)·Σ|θ_t|/n (n the global size, 0 → 1); an
+    overflow step (GradScaler's found_inf) leaves μ as it was."""
+    return mu if skipped else beta * mu + (1.0 - beta) * abs_sum / max(numel, 1)
+
+
 def mean_abs(theta: Tensor) -> Tensor:
     """mean|θ| as a float64 0-d tensor (0 for an empty tensor)."""
     return theta.abs().sum() / max(theta.numel(), 1)

@@ -28,7 +28,9 @@ def _mats(shapes=SHAPES, seed=0, dtype=torch.float32, device="cpu"):
 
 
 @pytest.mark.parametrize("ns,steps", NS_CASES)
-def test_exact_batched_matches_float64_ns(ns, steps):
+def test_exact_batched_matches_the_reference_ns_run_in_float64(ns, steps):
+    """Parity with the readable reference (it shares the NS coefficients); the independent float64 truth of the
+    spectral LMO is tests/test_scionc_truth.py."""
     mats = _mats()
     out = newton_schulz_batched(mats, steps, ns, exact=True)
     for i, (o, m) in enumerate(zip(out, mats)):
@@ -36,7 +38,7 @@ def test_exact_batched_matches_float64_ns(ns, steps):
         assert rel_error(o, newton_schulz(m.double(), steps, ns)) <= RTOL[torch.float32], f"matrix {i} {tuple(m.shape)}"
 
 
-def test_cpu_default_directions_match_float64_spectral_lmo():
+def test_cpu_default_directions_match_the_reference_spectral_lmo_run_in_float64():
     mats = _mats(seed=1)
     for m, d in zip(mats, spectral_directions(mats, 5, "polar_express")):
         assert d.shape == m.shape and d.dtype == m.dtype
@@ -52,7 +54,7 @@ def test_grouping_merges_transposed_shapes_only_in_fused_mode():
 
 
 @pytest.mark.parametrize("ns,steps", NS_CASES)
-def test_fused_mode_matches_float64_ns(ns, steps):
+def test_fused_mode_matches_the_reference_ns_run_in_float64(ns, steps):
     mats = _mats(seed=2)
     out = newton_schulz_batched(mats, steps, ns, exact=False)
     for o, m in zip(out, mats):

@@ -69,7 +69,8 @@ def test_batched_matches_reference_over_many_steps(ns, nesterov, maximize):
     assert not torch.allclose(a["qkv"].detach(), _model()["qkv"].detach())
 
 
-def test_fp32_batched_step_within_fp32_tolerance_of_float64_reference():
+def test_fp32_batched_step_within_fp32_tolerance_of_the_reference_run_in_float64():
+    """Parity with the reference backend run in float64 (the independent truth is tests/test_scionc_truth.py)."""
     a, oa = _train("reference", dtype=torch.float64, ns="polar_express", nesterov=True)
     b, ob = _train("batched", ns="polar_express", nesterov=True)
     _compare(a, oa, b, ob, lambda x, y, what: assert_close(x, y, torch.float32, msg=what))

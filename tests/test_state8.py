@@ -22,6 +22,7 @@ from fusedecay.functional import update_delta_mu  # noqa: E402
 from fusedecay.reference import adam_decay_reference  # noqa: E402
 from fusedecay.reference import state8 as S  # noqa: E402
 from snippets import in_ci  # noqa: E402
+import float64_truth as T  # noqa: E402
 from tolerances import assert_close  # noqa: E402
 
 try:
@@ -400,6 +401,11 @@ def test_fused_mu_update_is_update_delta_mu(param_dtype, with_found_inf):
     update_delta_mu(b_mu, b_s, numels, 0.95, fi)
     assert torch.equal(a_s, b_s)
     assert all(torch.equal(x, y) for x, y in zip(a_mu, b_mu))
+    # and against the float64 formula, independent of the package: Σ|θ_t| of the updated params, then μ
+    for p, s, mu0, mu, n in zip(a_p, a_s, mus, a_mu, numels):
+        assert_close(s.double(), p.double().abs().sum(), param_dtype)
+        want = T.mu_update(float(mu0), float(p.double().abs().sum()), n, 0.95, skipped=with_found_inf)
+        assert_close(mu.double(), torch.tensor(want, dtype=torch.float64), param_dtype)
     assert with_found_inf == all(torch.equal(x, y) for x, y in zip(a_mu, mus))
 
 

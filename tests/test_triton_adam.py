@@ -19,6 +19,7 @@ from fusedecay import AdamC, AdamHD, backends  # noqa: E402
 from fusedecay import functional as F  # noqa: E402
 from fusedecay.reference import adam_decay_reference  # noqa: E402
 from fusedecay.triton_kernels import adam_decay as K  # noqa: E402
+import float64_truth as T  # noqa: E402
 from tolerances import assert_close, assert_low_precision_ok  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -583,8 +584,13 @@ def test_fused_mu_update_is_update_delta_mu(with_found_inf):
     kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decay="prox", delta_fixed=None,
               delta_scale=1.0, max_lr=None, bias_correction=True, maximize=False, found_inf=fi)
     b = [_clone(x) for x in (params, m, v, steps, mus)]
+    mu0 = [float(x) for x in mus]
     sa, sb = (torch.zeros(len(SHAPES), device=DEVICE) for _ in range(2))
     K.adam_decay(params, grads, m, v, steps, mus, sa, delta_beta=0.9, numels=numels, **kw)
+    for p, s, m0, mu, n in zip(params, sa, mu0, mus, numels):   # the float64 formula, independent of the package
+        assert_close(s.double().cpu(), p.double().abs().sum().cpu(), torch.float32)
+        want = T.mu_update(m0, float(p.double().abs().sum()), n, 0.9, skipped=with_found_inf)
+        assert_close(mu.double().cpu(), torch.tensor(want, dtype=torch.float64), torch.float32)
     K.adam_decay(b[0], grads, b[1], b[2], b[3], b[4], sb, **kw)
     F.update_delta_mu(b[4], sb, numels, 0.9, fi)
     assert torch.equal(sa, sb)
