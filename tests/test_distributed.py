@@ -20,7 +20,7 @@ from fusedecay.functional import scion_directions_reference
 from fusedecay.reference import lmo as reference_lmo
 import gloo_ranks
 from spectral_truth import NS, NS_STEPS, sign_truth, spectral_truth, well_conditioned
-from tolerances import assert_close
+from tolerances import assert_close, assert_state_close
 
 WORLD = 2
 STEPS = 3
@@ -217,10 +217,8 @@ def _assert_state8_matches(ref, ref_opt, sharded, opt, exact):
             local, want = v.to_local(), gloo_ranks.local_slice(w, p)
             if exact:
                 assert torch.equal(local, want), f"{name}.{key}"
-            elif local.dtype in (torch.int8, torch.uint8):
-                assert ((local.int() - want.int()).abs() <= 1).all(), f"{name}.{key}"
             else:
-                assert_close(local, want, msg=f"{name}.{key}")
+                assert_state_close(local, want, want.dtype, msg=f"{name}.{key}")
     assert n8 == 3, n8
 
 

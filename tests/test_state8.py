@@ -23,7 +23,7 @@ from fusedecay.reference import adam_decay_reference  # noqa: E402
 from fusedecay.reference import state8 as S  # noqa: E402
 from snippets import in_ci  # noqa: E402
 import float64_truth as T  # noqa: E402
-from tolerances import assert_close  # noqa: E402
+from tolerances import assert_close, assert_state_close  # noqa: E402
 
 try:
     cpp = importlib.import_module("fusedecay._cpp_backend")
@@ -515,11 +515,7 @@ def test_optimizer_cpu_backend_matches_reference(make):
     for p, q in zip(pr, pc):
         assert_close(q.detach(), p.detach(), dtype=F32)
         for k, v in ref.state[p].items():
-            w = got.state[q][k]
-            if v.dtype in (torch.int8, torch.uint8):
-                assert ((v.to(torch.int32) - w.to(torch.int32)).abs() <= 1).all(), k
-            else:
-                assert_close(w, v, dtype=F32, msg=k)
+            assert_state_close(got.state[q][k], v, F32, msg=k)
 
 
 @pytest.mark.parametrize("opt_cls", [AdamHD, AdamC])

@@ -7,9 +7,10 @@ steps (~1.2 % of θ). One bf16 ulp of additive slack (7.8e-3) would accept it: t
 implementation. (At τ = 1e-3 over 5 steps, ~0.5 % of θ, a missing decay hides in bf16 rounding even without
 slack: the kernel checks use λ large enough to make the decay visible, e.g. test_cpp_kernels.)
 """
+import pytest
 import torch
 
-from tolerances import BF16_ERROR_FACTOR, low_precision_ok
+from tolerances import BF16_ERROR_FACTOR, assert_state_close, low_precision_ok
 
 LR, WD, B1, B2, EPS, STEPS = 1e-2, 0.25, 0.9, 0.999, 1e-8, 5
 
@@ -42,3 +43,12 @@ def test_bf16_rule_rejects_an_update_that_drops_the_decay():
     ok, e_wrong, e_eager = low_precision_ok(no_decay, eager, truth)
     assert not ok, f"a bf16 update without decay was accepted: err {e_wrong:.3e} vs eager {e_eager:.3e}"
     assert e_wrong <= BF16_ERROR_FACTOR * e_eager + torch.finfo(torch.bfloat16).eps   # what a slack would hide
+
+
+def test_state_rule_allows_one_code_and_rejects_two():
+    codes = torch.tensor([0, 5, -7, 127], dtype=torch.int8)
+    assert_state_close(codes + torch.tensor([0, 1, -1, 0], dtype=torch.int8), codes)
+    with pytest.raises(AssertionError, match="differ by up to 2"):
+        assert_state_close(codes + torch.tensor([0, 2, 0, 0], dtype=torch.int8), codes)
+    with pytest.raises(AssertionError):   # floats go through the fp32 table
+        assert_state_close(torch.tensor([1.0]), torch.tensor([1.001]))

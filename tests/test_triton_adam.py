@@ -20,7 +20,7 @@ from fusedecay import functional as F  # noqa: E402
 from fusedecay.reference import adam_decay_reference  # noqa: E402
 from fusedecay.triton_kernels import adam_decay as K  # noqa: E402
 import float64_truth as T  # noqa: E402
-from tolerances import assert_close, assert_low_precision_ok  # noqa: E402
+from tolerances import assert_close, assert_low_precision_ok, assert_state_close  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -521,10 +521,8 @@ def test_state8_step_is_decode_fp32_step_encode(decay):
             for i, (x, y) in enumerate(zip(a[name], b[name])):
                 if INTERPRET:
                     assert torch.equal(x, y), f"step {k}: {name}[{i}]"
-                elif x.dtype in (torch.int8, torch.uint8):
-                    assert ((x.int() - y.int()).abs() <= 1).all()
                 else:
-                    assert_close(x, y, dtype=torch.float32)
+                    assert_state_close(x, y, msg=f"step {k}: {name}[{i}]")
         assert_close(sa, sb, dtype=torch.float32)
 
 
@@ -545,11 +543,7 @@ def test_state8_matches_reference_and_cpu_kernel():
         assert_close(s_got.cpu(), s_want, dtype=torch.float32, msg=name)
         for key in want:
             for x, y in zip(got[key], want[key]):
-                x = x.cpu()
-                if y.dtype in (torch.int8, torch.uint8):
-                    assert ((x.int() - y.int()).abs() <= 1).all(), (name, key)
-                else:
-                    assert_close(x, y, dtype=torch.float32, msg=f"{name}: {key}")
+                assert_state_close(x.cpu(), y, msg=f"{name}: {key}")
 
 
 def test_state8_ties_round_to_even_codes():
