@@ -173,26 +173,22 @@ void abs_sums_cpu(at::TensorList tensors, const at::Tensor& out, int64_t chunk_s
   }
   const std::vector<ChunkRef> table = build_chunk_table(metas, cs);
   std::vector<double> partials(table.size(), 0.0);
-  static const float kSkip = 1.0f;  // found_inf ≠ 0: the update writes nothing and only reduces |θ|
   const int kind = storage_kind(dtype);
-  if (dtype == at::kDouble) {
-    KernelScalars<double> ks{};
+  auto run = [&](auto math_zero) {  // math type: double for float64 tensors, float otherwise
+    using T = decltype(math_zero);
+    static const float kSkip = 1.0f;  // found_inf ≠ 0: the update writes nothing and only reduces |θ|
+    KernelScalars<T> ks{};
     ks.found_inf_ptr = &kSkip;
-    cpu::run_adam_decay<double>(ks, kind, kind, metas.data(), table.data(), static_cast<int64_t>(table.size()), cs,
-                                partials.data());
-  } else {
-    KernelScalars<float> ks{};
-    ks.found_inf_ptr = &kSkip;
-    cpu::run_adam_decay<float>(ks, kind, kind, metas.data(), table.data(), static_cast<int64_t>(table.size()), cs,
-                               partials.data());
-  }
-  for (const TensorMeta& t : metas) {
-    const double s = sum_partials(partials.data(), t.first_chunk, t.num_chunks);
-    if (dtype == at::kDouble) {
-      out.data_ptr<double>()[t.out_index] = s;
-    } else {
-      out.data_ptr<float>()[t.out_index] = static_cast<float>(s);
+    cpu::run_adam_decay<T>(ks, kind, kind, metas.data(), table.data(), static_cast<int64_t>(table.size()), cs,
+                           partials.data());
+    for (const TensorMeta& t : metas) {
+      out.data_ptr<T>()[t.out_index] = static_cast<T>(sum_partials(partials.data(), t.first_chunk, t.num_chunks));
     }
+  };
+  if (dtype == at::kDouble) {
+    run(0.0);
+  } else {
+    run(0.0f);
   }
 }
 

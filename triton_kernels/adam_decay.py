@@ -421,9 +421,9 @@ def _build_plans(device, params, grads, exp_avgs, exp_avg_sqs, state_steps, delt
     for i in range(len(params)):
         groups.setdefault((grads[i].dtype, exp_avgs[i].dtype, exp_avg_sqs[i].dtype), []).append(i)
     plans = []
+    block = max(block, QBLOCK) if scales is not None else block  # 8-bit state: whole scale rows per program
     for (g_dt, m_dt, v_dt), idx in groups.items():
         n = len(idx)
-        plan_block = max(block, QBLOCK) if scales is not None else block  # whole scale rows per program
         cols = [(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], state_steps[i],
                  delta_mus[i] if delta_mus is not None else None) for i in idx]
         rows = [[c[r].data_ptr() if c[r] is not None else 0 for c in cols] for r in range(6)]
@@ -432,7 +432,6 @@ def _build_plans(device, params, grads, exp_avgs, exp_avg_sqs, state_steps, delt
         for k in range(2):
             rows.append([scales[k][i].data_ptr() for i in idx] if scales is not None else [0] * n)
         rows.append([max(int(mu_numels[i] if mu_numels is not None else params[i].numel()), 1) for i in idx])
-        block = plan_block
         blocks = (numels + block - 1) // block
         first_block = torch.zeros(n + 1, dtype=torch.int64)
         torch.cumsum(blocks, 0, out=first_block[1:])

@@ -311,18 +311,20 @@ struct Q8Codec {
       bm = std::max(bm, state8::abs_bits(km1[k]));
       bw = std::max(bw, state8::abs_bits(kw1[k]));
     }
-    const float rm = finish_scales(i, bm, bw), rw = state8::encode_factor(v_scale[i / state8::kBlock]);
+    float rm, rw;
+    finish_scales(i, bm, bw, rm, rw);
     for (int k = 0; k < state8::kBlock; ++k) {
       m[i + k] = static_cast<int8_t>(state8::encode_exp_avg<float>(km1[k], rm));
       v[i + k] = static_cast<uint8_t>(state8::encode_exp_avg_sq<float>(kw1[k], rw));
     }
   }
-  // Stores the block's scales from the maxima' bits; returns m's encode factor.
-  FD_ALWAYS_INLINE float finish_scales(int64_t i, uint32_t bm, uint32_t bw) {
+  // Stores the block's scales from the maxima' bits and gives their encode factors.
+  FD_ALWAYS_INLINE void finish_scales(int64_t i, uint32_t bm, uint32_t bw, float& rm, float& rw) {
     const float new_sm = bits_to_float(bm), new_sw = bits_to_float(bw);
     m_scale[i / state8::kBlock] = new_sm;
     v_scale[i / state8::kBlock] = new_sw;
-    return state8::encode_factor(new_sm);
+    rm = state8::encode_factor(new_sm);
+    rw = state8::encode_factor(new_sw);
   }
 #if defined(FD_CPU_SIMD)
   F16 km[kGroup], kw[kGroup];  // vector path: the block's updated m and √v
@@ -338,7 +340,8 @@ struct Q8Codec {
       bm = max_abs_bits(bm, km[k]);
       bw = max_abs_bits(bw, kw[k]);
     }
-    const float rm = finish_scales(i, hmax(bm), hmax(bw)), rw = state8::encode_factor(v_scale[i / state8::kBlock]);
+    float rm, rw;
+    finish_scales(i, hmax(bm), hmax(bw), rm, rw);
     for (int k = 0; k < kGroup; ++k) {
       store_codes(m + i + k * kVecLanes, state8::encode_exp_avg<F16>(km[k], rm));
       store_codes(v + i + k * kVecLanes, state8::encode_exp_avg_sq<F16>(kw[k], rw));
