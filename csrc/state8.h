@@ -32,7 +32,6 @@ constexpr int kMantissaBits = 3;       // both codes
 constexpr int kExpBitsM = 4;           // exp_avg:    bias 15, codes 0…120 in use (121…127 encode x > 1)
 constexpr int kExpBitsV = 5;           // exp_avg_sq: bias 31, codes 0…248 in use
 constexpr float kMinScale = 1.17549435e-38f;  // 2^−126: 1/s is finite for every normal s
-constexpr float kRoundMagic = 8388608.0f;     // 2^23: (t + 2^23) − 2^23 rounds 0 ≤ t < 2^23 to nearest even
 
 // Per-block encode factor r (scalar, once per block).
 FD_HD float encode_factor(float s) { return s >= kMinScale ? 1.0f / s : 0.0f; }  // NaN, 0, subnormal → 0
@@ -58,8 +57,15 @@ struct F8Format {
   static constexpr int32_t kHalf = (1 << (kShift - 1)) - 1;          // round-half-even bias, less the lsb
   static constexpr int kSubExp = kBias - 1 + kMantissaBits;          // subnormal codes: rne(x·2^kSubExp)
   static constexpr float kMinNormal = exp2i(1 - kBias);
-  static constexpr float kSubScale = exp2i(kSubExp);
   static constexpr float kSubStep = exp2i(-kSubExp);
+  // Normal codes in one add: the rounding bias less the exponent rebase. Wraps (mod 2^32) only for x below
+  // kMinNormal, whose result the subnormal branch replaces.
+  static constexpr uint32_t kNormalAdd = static_cast<uint32_t>(kHalf) - (static_cast<uint32_t>(kExpOffset) << kShift);
+  // Subnormal codes by a float addition: the ulp of kSubMagic = 2^(23 − kSubExp) is 2^−kSubExp, so for
+  // 0 ≤ x < kMinNormal (8 ulps), x + kSubMagic rounds (nearest even) to kSubMagic + rne(x·2^kSubExp)·ulp, and
+  // its bit pattern exceeds kSubMagic's by exactly that code.
+  static constexpr float kSubMagic = exp2i(23 - kSubExp);
+  static constexpr int32_t kSubMagicBits = (127 + 23 - kSubExp) << 23;
 };
 
 // Scalar building blocks; the CPU SIMD types provide the same names lane by lane. Codes travel as int32,
@@ -67,25 +73,25 @@ struct F8Format {
 FD_HD uint32_t fd_bits(float x) { return float_to_bits(x); }
 FD_HD int32_t fd_u2i(uint32_t u) { return static_cast<int32_t>(u); }
 FD_HD float fd_from_bits(int32_t b) { return bits_to_float(static_cast<uint32_t>(b)); }
-FD_HD int32_t fd_round_to_int(float t) {  // 0 ≤ t < 2^23, nearest even
-  return static_cast<int32_t>((t + kRoundMagic) - kRoundMagic);
-}
 FD_HD float fd_to_float(int32_t c) { return static_cast<float>(c); }
 FD_HD int32_t fd_select(bool c, int32_t a, int32_t b) { return c ? a : b; }
 FD_HD float fd_select(bool c, float a, float b) { return c ? a : b; }
 FD_HD int32_t fd_min(int32_t a, int32_t b) { return a < b ? a : b; }
 FD_HD int32_t fd_abs_code(int32_t c) { return c < 0 ? -c : c; }
+FD_HD float fd_negate_if(int32_t c, float a) { return c < 0 ? -a : a; }  // the SIMD form flips the sign bit
 
-// F8(x) for x ≥ 0 (x = |moment|·r ≤ 1 up to rounding; NaN → kMaxCode whatever its sign bit, so every
-// platform writes the same code). V is float or the SIMD float type.
+// F8(x) for x ≥ 0 (x = |moment|·r or √v·r: +0, −0, positive, or NaN of either sign; NaN → kMaxCode whatever
+// its sign bit, so every platform writes the same code). V is float or the SIMD float type. The same codes as
+// the rule in docs/state8.md, with fewer operations: the exponent rebase is folded into the rounding add (NaN
+// and ±inf still land above kMaxCode, whatever their sign bit) and the subnormal rounding is one float add
+// (kSubMagic) instead of a multiply and a round-to-integer.
 template <int E, typename V>
 FD_HD auto f8_encode(V x) {
   using F = F8Format<E>;
-  const auto u = fd_bits(x) & 0x7fffffffu;
-  const auto normal = fd_u2i((u + static_cast<uint32_t>(F::kHalf) + ((u >> F::kShift) & 1u)) >> F::kShift) -
-                      F::kExpOffset;
-  const auto tiny = x < F::kMinNormal;  // false for NaN
-  const auto subnormal = fd_round_to_int(fd_select(tiny, x, V{}) * F::kSubScale);
+  const auto u = fd_bits(x);
+  const auto normal = fd_u2i((u + F::kNormalAdd + ((u >> F::kShift) & 1u)) >> F::kShift);
+  const auto subnormal = fd_u2i(fd_bits(x + F::kSubMagic)) - F::kSubMagicBits;
+  const auto tiny = x < F::kMinNormal;  // true for −0 (then x + kSubMagic = kSubMagic: code 0), false for NaN
   return fd_min(fd_select(tiny, subnormal, normal), F::kMaxCode);
 }
 
@@ -107,8 +113,7 @@ FD_HD auto encode_exp_avg(V m, float r) {  // int8 code as int32: sign(m)·F8(|m
 
 template <typename I>
 FD_HD auto decode_exp_avg(I c, float s) {
-  const auto a = f8_decode<kExpBitsM>(fd_abs_code(c)) * s;
-  return fd_select(c < 0, -a, a);
+  return fd_negate_if(c, f8_decode<kExpBitsM>(fd_abs_code(c)) * s);  // −a for c < 0
 }
 
 // w = √v of the updated v (the value the update divided by).

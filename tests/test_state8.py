@@ -295,19 +295,15 @@ def test_kernel_matches_reference_every_step(decay, corrected):
     assert flips <= max(2, total // 10000), f"{flips} of {total} codes differ"
 
 
-def tie_case(device="cpu"):
-    """A one-step problem whose moments land exactly on F8 rounding midpoints: β1 = β2 = 0 makes m = g and
-    √v = |g| exactly, and a block maximum of 2 makes |g|/2 exact. Returns (state, grads, hyper, expected
+def codes_case(x: torch.Tensor, device="cpu"):
+    """A one-step problem whose moments are chosen values: β1 = β2 = 0 makes m = g and √v = |g| exactly (for
+    |g| ≥ 2^−62; below that both codes are 0 either way), and every block's maximum 2 puts |g|/2 = x in the
+    codec exactly. x: float64 values in [0, 1], exact in float32. Returns (state, grads, hyper, expected
     (exp_avg codes, exp_avg_sq codes)) — the expected ones from the float64 nearest-value truth."""
-    mids = []
-    for eb in (S.EXP_BITS_M, S.EXP_BITS_V):
-        used = f8_values(eb)[f8_values(eb) <= 1.0]
-        mids.append((used[1:] + used[:-1]) / 2)
-    x = torch.cat(mids)
     x = torch.cat([x, x.new_zeros(-len(x) % 127)]).reshape(-1, 127)
     x = torch.cat([torch.ones(len(x), 1, dtype=x.dtype), x], dim=1)      # every block's maximum: x = 1
     g = (torch.cat([x, -x]) * 2).to(F32)
-    assert torch.equal(g.double(), torch.cat([x, -x]) * 2)               # midpoints are exact in float32
+    assert torch.equal(g.double(), torch.cat([x, -x]) * 2)               # the values are exact in float32
     st = q8_state([tuple(g.shape)], warm=False)
     kw = hyper("l2", beta1=0.0, beta2=0.0, weight_decay=0.0)
     code_m = nearest_code(g.abs().reshape(-1) / 2, S.EXP_BITS_M).reshape(g.shape)
@@ -317,10 +313,38 @@ def tie_case(device="cpu"):
     return {k: to(v) for k, v in st.items()}, [g.to(device)], kw, (want_m, want_v)
 
 
+def code_midpoints() -> torch.Tensor:
+    """The midpoint between every two neighbouring code values ≤ 1 of both formats (exact in float32)."""
+    mids = []
+    for eb in (S.EXP_BITS_M, S.EXP_BITS_V):
+        used = f8_values(eb)[f8_values(eb) <= 1.0]
+        mids.append((used[1:] + used[:-1]) / 2)
+    return torch.cat(mids)
+
+
+def tie_case(device="cpu"):
+    """Moments exactly on the F8 rounding midpoints (ties go to the even code)."""
+    return codes_case(code_midpoints(), device)
+
+
+def dense_case(device="cpu"):
+    """Moments on both sides of every midpoint (one float32 ulp away), on every code value, at float32's
+    subnormals and log-uniform over [2^−70, 1]: what each implementation's rounding must get right."""
+    mids = code_midpoints().to(F32)
+    near = torch.cat([torch.nextafter(mids, torch.zeros_like(mids)), torch.nextafter(mids, torch.ones_like(mids))])
+    values = torch.cat([f8_values(eb) for eb in (S.EXP_BITS_M, S.EXP_BITS_V)])
+    g = torch.Generator().manual_seed(5)
+    logu = torch.exp2(-torch.rand(6000, generator=g, dtype=torch.float64) * 70).to(F32)
+    tiny = torch.tensor([2.0 ** -149, 3 * 2.0 ** -149, 2.0 ** -127, 2.0 ** -126, 0.0])
+    x = torch.cat([near.double(), values[values <= 1.0], logu.double(), tiny.double()])
+    return codes_case(x, device)
+
+
 @needs_cpp
 @pytest.mark.parametrize("impl", ["reference", "cpu"])
-def test_ties_round_to_even_codes(impl):
-    st, grads, kw, (want_m, want_v) = tie_case()
+@pytest.mark.parametrize("case", [tie_case, dense_case])
+def test_codes_are_the_nearest_value_ties_to_even(impl, case):
+    st, grads, kw, (want_m, want_v) = case()
     step_q8(adam_decay_reference if impl == "reference" else kernel(128), st, grads, **kw)
     assert torch.equal(st["exp_avgs"][0], want_m) and torch.equal(st["exp_avg_sqs"][0], want_v)
 

@@ -546,9 +546,11 @@ def test_state8_matches_reference_and_cpu_kernel():
                 assert_state_close(x.cpu(), y, msg=f"{name}: {key}")
 
 
-def test_state8_ties_round_to_even_codes():
-    from test_state8 import step_q8, tie_case
-    st, grads, kw, (want_m, want_v) = tie_case(DEVICE)
+@pytest.mark.parametrize("case", ["tie_case", "dense_case"])
+def test_state8_codes_are_the_nearest_value_ties_to_even(case):
+    import test_state8
+    st, grads, kw, (want_m, want_v) = getattr(test_state8, case)(DEVICE)
+    step_q8 = test_state8.step_q8
     step_q8(_triton8, st, grads, **kw)
     assert torch.equal(st["exp_avgs"][0].cpu(), want_m) and torch.equal(st["exp_avg_sqs"][0].cpu(), want_v)
 

@@ -138,9 +138,6 @@ FD_ALWAYS_INLINE U16 operator>>(U16 a, int b) { return U16{a.v >> b}; }
 FD_ALWAYS_INLINE U16 fd_bits(F16 x) { return U16{(u32x16)x.v}; }
 FD_ALWAYS_INLINE I16 fd_u2i(U16 u) { return I16{(i32x16)u.v}; }
 FD_ALWAYS_INLINE F16 fd_from_bits(I16 b) { return F16{(f32x16)b.v}; }
-FD_ALWAYS_INLINE I16 fd_round_to_int(F16 t) {
-  return I16{__builtin_convertvector((t.v + state8::kRoundMagic) - state8::kRoundMagic, i32x16)};
-}
 FD_ALWAYS_INLINE F16 fd_to_float(I16 c) { return F16{__builtin_convertvector(c.v, f32x16)}; }
 FD_ALWAYS_INLINE I16 fd_select(I16 mask, I16 a, I16 b) { return I16{mask.v ? a.v : b.v}; }
 FD_ALWAYS_INLINE F16 fd_select(I16 mask, F16 a, F16 b) { return F16{mask.v ? a.v : b.v}; }
@@ -149,6 +146,8 @@ FD_ALWAYS_INLINE I16 fd_min(I16 a, int32_t b) {
   return I16{a.v < bv ? a.v : bv};  // vpminsd
 }
 FD_ALWAYS_INLINE I16 fd_abs_code(I16 c) { return I16{c.v < 0 ? -c.v : c.v}; }
+// −a where c < 0: the sign bit of c flipped into a (one vpternlogd; the scalar form's c < 0 ? −a : a, NaNs included).
+FD_ALWAYS_INLINE F16 fd_negate_if(I16 c, F16 a) { return F16{(f32x16)((u32x16)a.v ^ ((u32x16)c.v & 0x80000000u))}; }
 // max over lanes of |x| as bits (state8::abs_bits), folded into a running lane-wise maximum.
 FD_ALWAYS_INLINE u32x16 max_abs_bits(u32x16 acc, F16 x) {
   const u32x16 b = (u32x16)x.v & 0x7fffffffu;
