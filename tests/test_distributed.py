@@ -83,6 +83,8 @@ def _make_opt(model, kind):
         return AdamC(_param_groups(model, kind), lr=0.03, weight_decay=0.5)
     if kind == "scionc":
         return ScionC(_param_groups(model, kind), lr=0.05, momentum=0.5)
+    if kind == "scionc_bf16m":   # bf16 momentum buffers for fp32 params
+        return ScionC(_param_groups(model, "scionc"), lr=0.05, momentum=0.5, momentum_dtype=torch.bfloat16)
     raise ValueError(kind)
 
 
@@ -145,9 +147,9 @@ def _assert_matches_reference(ref, ref_opt, sharded, opt):
         for key, v in st.items():
             if fd.is_dtensor(v):
                 assert v.placements == p.placements, (name, key)
-                assert_close(v.to_local(), gloo_ranks.local_slice(rst[key], p), msg=f"{name}.{key}")
+                assert_state_close(v.to_local(), gloo_ranks.local_slice(rst[key], p), msg=f"{name}.{key}")
             else:
-                assert_close(v, rst[key], msg=f"{name}.{key}")
+                assert_state_close(v, rst[key], msg=f"{name}.{key}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,6 +278,8 @@ def _check_parity(kind, hsdp=False):
         _train(ref, ref_opt, batches, 0)
         _train(sharded, opt, batches, 0, rank)
         _assert_matches_reference(ref, ref_opt, sharded, opt)
+        if kind == "scionc_bf16m":
+            assert all(opt.state[p]["momentum_buffer"].dtype == torch.bfloat16 for p in sharded.parameters())
     return check
 
 
@@ -636,12 +640,12 @@ def _check_state8_needs_row_shards(rank):
 
 
 def _checks(ckpt_root):
-    checks = {f"parity_{k}": _check_parity(k) for k in ("adamhd", "adamhd_mean", "adamc", "scionc")}
+    checks = {f"parity_{k}": _check_parity(k) for k in ("adamhd", "adamhd_mean", "adamc", "scionc", "scionc_bf16m")}
     checks.update({f"parity_hsdp_{k}": _check_parity(k, hsdp=True) for k in ("adamhd", "scionc")})
     checks["layouts"] = _check_layouts
     checks.update({f"zero_lr_{k}": _check_zero_lr(k) for k in ("adamhd", "adamc", "scionc")})
     checks["state_symmetric"] = _check_state_symmetric
-    checks.update({f"dcp_{k}": _check_dcp_resume(k, ckpt_root) for k in ("adamhd", "adamc", "scionc")})
+    checks.update({f"dcp_{k}": _check_dcp_resume(k, ckpt_root) for k in ("adamhd", "adamc", "scionc", "scionc_bf16m")})
     checks["fsdp_ns_split"] = _check_fsdp_ns_split
     checks["ddp_scionc"] = _check_ddp_scionc
     checks["sharded_lmo"] = _check_sharded_lmo_is_whole_matrix_lmo
@@ -684,7 +688,7 @@ def _assert_ok(results, name):
 # Tests
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["adamhd", "adamhd_mean", "adamc", "scionc"])
+@pytest.mark.parametrize("kind", ["adamhd", "adamhd_mean", "adamc", "scionc", "scionc_bf16m"])
 def test_fsdp2_matches_single_process(results, kind):
     """Params and every state tensor after N steps, FSDP2 shards vs the single-process run."""
     _assert_ok(results, f"parity_{kind}")
@@ -709,7 +713,7 @@ def test_state_symmetric_across_ranks_and_delta_mu_replicated(results):
     _assert_ok(results, "state_symmetric")
 
 
-@pytest.mark.parametrize("kind", ["adamhd", "adamc", "scionc"])
+@pytest.mark.parametrize("kind", ["adamhd", "adamc", "scionc", "scionc_bf16m"])
 def test_dcp_resume_is_identical_to_uninterrupted_run(results, kind):
     _assert_ok(results, f"dcp_{kind}")
 

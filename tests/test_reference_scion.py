@@ -194,13 +194,17 @@ def test_scionc_corrected_spectral_norm_is_stable_across_lr_and_uncorrected_is_n
     assert hi_u / lo_u > 1.5, (hi_u, lo_u)  # E‖θ‖² ∝ γ/λ without the correction
 
 
-def test_scionc_state_dict_round_trip():
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("momentum_dtype", [None, torch.bfloat16])
+def test_scionc_state_dict_round_trip(momentum_dtype, backend):
+    """A resume is bit-identical, buffers kept in the dtype they were saved in (torch's own load would cast a bf16
+    buffer to its fp32 param's dtype); the loading optimizer's other momentum_dtype is replaced by the saved one."""
     g = torch.Generator().manual_seed(9)
     ps = [torch.nn.Parameter(torch.randn(6, 5, generator=g)), torch.nn.Parameter(torch.randn(5, generator=g))]
     grads = [[torch.randn(p.shape, generator=g) for p in ps] for _ in range(6)]
-    make = lambda q: ScionC([{"params": [q[0]]}, {"params": [q[1]], "lmo": "bias"}], lr=0.01,  # noqa: E731
-                            backend="reference")
-    opt = make(ps)
+    make = lambda q, mdt: ScionC([{"params": [q[0]]}, {"params": [q[1]], "lmo": "bias"}], lr=0.01,  # noqa: E731
+                                 backend=backend, momentum_dtype=mdt)
+    opt = make(ps, momentum_dtype)
     for gs in grads[:3]:
         for p, x in zip(ps, gs):
             p.grad = x.clone()
@@ -212,15 +216,36 @@ def test_scionc_state_dict_round_trip():
             p.grad = x.clone()
         opt.step()
     qs = [torch.nn.Parameter(x) for x in snap]
-    opt2 = make(qs)
+    opt2 = make(qs, torch.float32 if momentum_dtype is None else None)
     opt2.load_state_dict(saved)
+    assert [grp["momentum_dtype"] for grp in opt2.param_groups] == [momentum_dtype] * 2
     for gs in grads[3:]:
         for p, x in zip(qs, gs):
             p.grad = x.clone()
         opt2.step()
     for p, q in zip(ps, qs):
+        assert opt.state[p]["momentum_buffer"].dtype == (momentum_dtype or torch.float32)
         assert torch.equal(p.detach(), q.detach())
+        assert opt2.state[q]["momentum_buffer"].dtype == opt.state[p]["momentum_buffer"].dtype
         assert torch.equal(opt.state[p]["momentum_buffer"], opt2.state[q]["momentum_buffer"])
+
+
+def test_scionc_checkpoint_from_before_momentum_dtype_and_matrix_view_loads_as_it_ran():
+    """A saved group without the later options ran with fp32 buffers and "auto" matrices: loading it into an
+    optimizer built with other values keeps the saved buffers and takes what the run used, without an error."""
+    p = torch.nn.Parameter(torch.randn(6, 5))
+    opt = ScionC([p], lr=0.01)
+    p.grad = torch.randn(6, 5)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    for grp in saved["param_groups"]:
+        del grp["momentum_dtype"], grp["matrix_view"]
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = ScionC([q], lr=0.01, momentum_dtype=torch.bfloat16, matrix_view="flatten")
+    opt2.load_state_dict(saved)
+    assert opt2.param_groups[0]["momentum_dtype"] is None and opt2.param_groups[0]["matrix_view"] == "auto"
+    assert torch.equal(opt2.state[q]["momentum_buffer"], opt.state[p]["momentum_buffer"])
+    assert opt2.state[q]["momentum_buffer"].dtype == torch.float32
 
 
 @pytest.mark.parametrize("kwargs,name", [
@@ -234,6 +259,8 @@ def test_scionc_state_dict_round_trip():
     (dict(ns_steps=0), "ns_steps"),
     (dict(lr=-0.1), "lr"),
     (dict(weight_decay=0.1), "weight_decay"),  # corrected groups take their decay from norm_target
+    (dict(momentum_dtype=torch.float16), "momentum_dtype"),
+    (dict(momentum_dtype="bf16"), "momentum_dtype"),
 ])
 def test_scionc_bad_input_raises(kwargs, name):
     shape = kwargs.pop("params_shape", (4, 3))

@@ -27,7 +27,7 @@ import gloo_ranks
 from fusedecay import ScionC
 from fusedecay import _scion_fast as fast
 from fusedecay import distributed as fd
-from tolerances import ATOL, RTOL, assert_close
+from tolerances import ATOL, RTOL, assert_close, assert_stored_close
 
 F64 = torch.float64
 STEPS = 5
@@ -152,11 +152,54 @@ def test_cpu_paths_match_float64_truth(path, dtype, variant):
     check_against_truth(path, dtype, **variant)
 
 
-@pytest.mark.triton
+def check_bf16_momentum_against_truth(path, *, nesterov, maximize, tensor_lr, device="cpu", ns_dtype=None):
+    """fp32 params with ``momentum_dtype=torch.bfloat16``: each step against the float64 step from the state it
+    started from (the stored bf16 buffers and the params, so a last-bit difference in an earlier rounding to bf16
+    is not carried on): params to the fp32 tolerance — the LMO must see the unrounded m_t — and buffers in bf16,
+    within half a bf16 ulp of the truth's m_t."""
+    init, grads = initial_values(), grad_stream()
+    options = group_options(nesterov, maximize)
+    params = {k: make_param(v.to(device), torch.float32, k) for k, v in init.items()}
+    backend = {"reference": "reference", "auto": "auto", "batched": "batched", "triton": "batched"}[path]
+    groups = optimizer_groups(params, options, torch.float32, tensor_lr, device)
+    opt = ScionC([dict(g, ns_dtype=ns_dtype) for g in groups], backend=backend, momentum_dtype=torch.bfloat16)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=STEPS, eta_min=ETA_MIN)
+    for t, gs in enumerate(grads):
+        before = {}
+        for k, p in params.items():
+            m = opt.state[p]["momentum_buffer"].cpu().to(F64) if p in opt.state else torch.zeros(p.shape, dtype=F64)
+            before[k] = (p.detach().cpu().to(F64), m)
+            p.grad = None if gs[k] is None else gs[k].to(device, torch.float32)
+        opt.step()
+        sched.step()
+        for g in options:
+            kw = {key: g[key] for key in TRUTH_KEYS if key in g}
+            for k in g["names"]:
+                p, (theta, m) = params[k], before[k]
+                if gs[k] is None:
+                    want_theta, want_m = theta, m
+                else:
+                    want_theta, want_m = T.scionc_step(theta, m, gs[k].to(torch.float32).to(F64),
+                                                       lr=T.cosine_lr(g["lr"], t, STEPS, ETA_MIN),
+                                                       maximize=g["maximize"], **kw)
+                buf = opt.state[p]["momentum_buffer"]
+                assert p.dtype == torch.float32 and buf.dtype == torch.bfloat16, (k, p.dtype, buf.dtype)
+                assert_close(p.detach().cpu(), want_theta, dtype=torch.float32, msg=f"{path} step {t}: param {k}")
+                assert_stored_close(buf.cpu(), want_m, msg=f"{path} step {t}: momentum {k}")
+
+
 @pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
-def test_triton_path_matches_float64_truth(monkeypatch, variant):
+@pytest.mark.parametrize("path", ["reference", "auto", "batched"])
+def test_bf16_momentum_matches_float64_truth(path, variant):
+    check_bf16_momentum_against_truth(path, **variant)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("momentum", ["param_dtype", "bf16"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
+def test_triton_path_matches_float64_truth(monkeypatch, variant, momentum):
     """The batched backend's Triton step (fp32 kernels, fp32 Newton–Schulz), driven by the ScionC class: compiled
-    on a GPU, under the interpreter on CPU tensors elsewhere."""
+    on a GPU, under the interpreter on CPU tensors elsewhere; momentum buffers in the params' fp32 or in bf16."""
     ran = []
     real_step = fast._step_triton
 
@@ -172,7 +215,10 @@ def test_triton_path_matches_float64_truth(monkeypatch, variant):
     if device == "cpu":   # under the interpreter: let the CPU tensors take the Triton path
         monkeypatch.setattr(fast, "_triton_applies", triton_applies_on_cpu)
     monkeypatch.setattr(fast, "_step_triton", step_triton)
-    check_against_truth("triton", torch.float32, device=device, ns_dtype=torch.float32, **variant)
+    if momentum == "bf16":
+        check_bf16_momentum_against_truth("triton", device=device, ns_dtype=torch.float32, **variant)
+    else:
+        check_against_truth("triton", torch.float32, device=device, ns_dtype=torch.float32, **variant)
     # hidden (spectral), emb and head (sign) ran on Triton every step; "odd" holds a non-contiguous param and
     # "bias" is not a Triton LMO, so those took the torch path.
     per_step = [("spectral", ((12, 24), (24, 12), (16, 40))), ("sign", ((50, 24), (0, 5))), ("sign", ((30, 24),))]

@@ -10,7 +10,7 @@ slack: the kernel checks use λ large enough to make the decay visible, e.g. tes
 import pytest
 import torch
 
-from tolerances import BF16_ERROR_FACTOR, assert_state_close, low_precision_ok
+from tolerances import BF16_ERROR_FACTOR, assert_state_close, assert_stored_close, low_precision_ok
 
 LR, WD, B1, B2, EPS, STEPS = 1e-2, 0.25, 0.9, 0.999, 1e-8, 5
 
@@ -52,3 +52,21 @@ def test_state_rule_allows_one_code_and_rejects_two():
         assert_state_close(codes + torch.tensor([0, 2, 0, 0], dtype=torch.int8), codes)
     with pytest.raises(AssertionError):   # floats go through the fp32 table
         assert_state_close(torch.tensor([1.0]), torch.tensor([1.001]))
+
+
+def test_bf16_state_rules_allow_rounding_and_reject_more():
+    """State stored in bf16: against a float64 truth, round to nearest passes and truncation (up to a whole ulp)
+    fails; between two implementations, one ulp apart passes and two fail."""
+    x = torch.linspace(1.0, 2.0, 1001, dtype=torch.float64)[1:-1] * 1.37
+    nearest = x.to(torch.float32).to(torch.bfloat16)
+    truncated = (x.to(torch.float32).view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+    assert_stored_close(nearest, x)
+    with pytest.raises(AssertionError):
+        assert_stored_close(truncated, x)
+    one = torch.tensor([1.5, -3.0, 0.25], dtype=torch.bfloat16)
+    ulp = torch.tensor([2.0 ** -7, 2.0 ** -6, 2.0 ** -9], dtype=torch.bfloat16)   # one ulp of each value
+    assert_state_close(one + ulp, one)
+    with pytest.raises(AssertionError):
+        assert_state_close(one + 2 * ulp, one)
+    with pytest.raises(AssertionError, match="float32 vs"):   # a buffer in another dtype is a difference too
+        assert_state_close(one.float(), one)

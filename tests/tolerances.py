@@ -12,6 +12,9 @@ import torch
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 ATOL = {torch.float64: 1e-12, torch.float32: 1e-6}
 BF16_ERROR_FACTOR = 2.0
+# State stored in bf16 after fp32 math (ScionC's momentum_dtype): round to nearest is within half an ulp,
+# 2^-8 relative (8 significant bits), of the fp32 value, which is within the fp32 tolerance of the truth.
+STORED_RTOL = {torch.bfloat16: 2.0 ** -8}
 
 
 def assert_close(actual, expected, dtype=None, msg=""):
@@ -21,12 +24,26 @@ def assert_close(actual, expected, dtype=None, msg=""):
 
 def assert_state_close(actual, expected, dtype=torch.float32, msg=""):
     """Optimizer state of two implementations: 8-bit moment codes within one code (a last-bit difference before
-    encoding can cross a rounding boundary), every other tensor by assert_close at ``dtype``."""
+    encoding can cross a rounding boundary), state stored in bf16 after fp32 math within one bf16 ulp (the same
+    reason), every other tensor by assert_close at ``dtype``."""
+    assert actual.dtype == expected.dtype, f"{msg}: {actual.dtype} vs {expected.dtype}"
     if expected.dtype in (torch.int8, torch.uint8):
         diff = (actual.to(torch.int32) - expected.to(torch.int32)).abs()
         assert (diff <= 1).all(), f"{msg}: codes differ by up to {int(diff.max())}"
+    elif expected.dtype in STORED_RTOL:
+        torch.testing.assert_close(actual.to(torch.float64), expected.to(torch.float64),
+                                   rtol=2 * STORED_RTOL[expected.dtype] + RTOL[dtype], atol=ATOL[dtype],
+                                   msg=msg or None)
     else:
         assert_close(actual, expected, dtype, msg)
+
+
+def assert_stored_close(actual, expected64, msg=""):
+    """A tensor stored in a narrower dtype (``actual.dtype``, a key of STORED_RTOL) against a float64 truth of
+    the value before the rounding: within half an ulp of it, plus the fp32 tolerance of the math."""
+    rtol = STORED_RTOL[actual.dtype] + RTOL[torch.float32]
+    torch.testing.assert_close(actual.to(torch.float64), expected64.to(torch.float64), rtol=rtol,
+                               atol=ATOL[torch.float32], msg=msg or None)
 
 
 def rel_error(x, ref64):

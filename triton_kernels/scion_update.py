@@ -1,6 +1,8 @@
 """Element-wise ScionC kernels: everything in a step except the Newton–Schulz matmuls.
 
-One pass over each tensor's memory per kernel, fp32 math, storage in the tensor's dtype:
+One pass over each tensor's memory per kernel, fp32 math, storage in the tensor's dtype (bf16 rounded to nearest
+even, also under the interpreter); a momentum buffer may be narrower than its param (ScionC's ``momentum_dtype``):
+the LMO input is the unrounded m_t:
 
 * :func:`momentum_to_stack` — m ← (1 − α) m + α g (g negated for ``maximize``) and writes the LMO
   input (m, or the Nesterov m̂ = (1 − α) m + α g) cast to the NS dtype straight into its slot of
@@ -29,6 +31,25 @@ _BLOCK = 1024
 
 
 @triton.jit
+def _rne_bf16(x):
+    """fp32 → bf16, round to nearest even (NaN → 0x7FC0, as torch), written on the bits: the Triton interpreter's
+    own cast truncates, so tests on the CPU would check another rounding than a GPU's."""
+    u = x.to(tl.uint32, bitcast=True)
+    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
+    return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _stored(x, DTYPE: tl.constexpr):
+    """fp32 math value ``x`` as storage dtype ``DTYPE`` (rounded to nearest even)."""
+    if DTYPE == tl.bfloat16:
+        return _rne_bf16(x)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
 def _momentum_to_stack_kernel(g_ptr, m_ptr, u_ptr, N, n_cols, su_r, su_c, alpha, gsign,
                               NESTEROV: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -36,14 +57,14 @@ def _momentum_to_stack_kernel(g_ptr, m_ptr, u_ptr, N, n_cols, su_r, su_c, alpha,
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * gsign
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = m * (1.0 - alpha) + alpha * g                       # m_t = (1 − α) m_{t−1} + α g_t
-    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
+    tl.store(m_ptr + offs, _stored(m, m_ptr.dtype.element_ty), mask=mask)
     if NESTEROV:
         u = m * (1.0 - alpha) + alpha * g                   # m̂ = (1 − α) m_t + α g_t
     else:
         u = m
     r = offs // n_cols
     c = offs - r * n_cols
-    tl.store(u_ptr + r * su_r + c * su_c, u.to(u_ptr.dtype.element_ty), mask=mask)
+    tl.store(u_ptr + r * su_r + c * su_c, _stored(u, u_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -69,7 +90,7 @@ def _apply_direction_kernel(p_ptr, d_ptr, N, n_cols, sd_r, sd_c, keep_ptr, step_
     d = tl.load(d_ptr + r * sd_r + c * sd_c, mask=mask, other=0.0).to(tl.float32)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = p * keep - step * d                                 # θ_t = (1 − η_t) θ_{t−1} − s·lmo
-    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_ptr + offs, _stored(p, p_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -81,7 +102,7 @@ def _sign_step_kernel(p_ptr, g_ptr, m_ptr, N, alpha, gsign, keep_ptr, step_ptr, 
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * gsign
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = m * (1.0 - alpha) + alpha * g
-    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
+    tl.store(m_ptr + offs, _stored(m, m_ptr.dtype.element_ty), mask=mask)
     if NESTEROV:
         u = m * (1.0 - alpha) + alpha * g
     else:
@@ -89,7 +110,7 @@ def _sign_step_kernel(p_ptr, g_ptr, m_ptr, N, alpha, gsign, keep_ptr, step_ptr, 
     sgn = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0))  # torch.sign (0 stays 0)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = p * keep - step * sgn                               # step = s / d_in
-    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_ptr + offs, _stored(p, p_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_contiguous(**tensors: Tensor) -> None:

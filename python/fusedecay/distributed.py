@@ -21,8 +21,8 @@ communication. The only collectives are the ones the math needs:
   group are sorted by shape and dealt round-robin to owner ranks; one ``all_to_all_single`` sends every
   shard to its matrix's owner, the owner runs the (batched) LMO on whole matrices, a second
   ``all_to_all_single`` returns each rank its slice. Shards travel in ``ns_dtype`` when that is
-  narrower than the buffer (NS casts to it first anyway, so this is exact); results travel in the
-  buffer's dtype. Replicated matrices (plain tensors under DDP after :func:`split_lmo_work`, or
+  narrower than the LMO input (NS casts to it first anyway, so this is exact); results travel in the
+  input's dtype (the param's: a bf16 ``momentum_dtype`` buffer is widened before the LMO). Replicated matrices (plain tensors under DDP after :func:`split_lmo_work`, or
   all-``Replicate`` DTensors on a 1-D mesh) are dealt the same way, and one ``all_gather`` shares the
   results. N-D weights follow their ``matrix_view``: an expert stack (E, d_out, d_in) sharded over E
   (FSDP2's default ``Shard(0)``) holds whole matrices on each rank, so each rank orthogonalises its own

@@ -242,12 +242,16 @@ def scionc(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Ten
             return
         lmo_fn = (b.op("scion_directions") if b is not None else None) or scion_directions_reference
     g = [x.neg() if maximize else x for x in grads]
-    # m_t = (1 − α) m_{t−1} + α g_t
-    torch._foreach_lerp_(momentum_buffers, [x.to(m.dtype) for x, m in zip(g, momentum_buffers)], momentum)
-    inputs = momentum_buffers
+    # m_t = (1 − α) m_{t−1} + α g_t, in the param's dtype: a buffer kept narrower (ScionC's momentum_dtype) is
+    # widened, updated, stored rounded, and the LMO sees the unrounded m_t (as in reference.scionc_step).
+    m = [b if b.dtype == p.dtype else b.to(p.dtype) for b, p in zip(momentum_buffers, params)]
+    torch._foreach_lerp_(m, [x.to(t.dtype) for x, t in zip(g, m)], momentum)
+    narrow = [(b, t) for b, t in zip(momentum_buffers, m) if b is not t]
+    if narrow:
+        torch._foreach_copy_([b for b, _ in narrow], [t for _, t in narrow])
+    inputs = m
     if nesterov:
-        inputs = torch._foreach_lerp([m for m in momentum_buffers], [x.to(m.dtype) for x, m in zip(g, momentum_buffers)],
-                                     momentum)
+        inputs = torch._foreach_lerp(m, [x.to(t.dtype) for x, t in zip(g, m)], momentum)
     dirs = lmo_fn(list(inputs), lmo=lmo, ns_steps=ns_steps, ns=ns, ns_dtype=ns_dtype, matrix_view=matrix_view)
     s = lr * radius
     eta = _ref_scion.scion_decay(s, momentum=momentum, norm_target=norm_target, corrected=corrected, lr=lr,

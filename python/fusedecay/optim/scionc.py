@@ -21,8 +21,10 @@ from ..functional import scionc
 from ..reference.scion import LMO_KINDS, MATRIX_VIEWS, NS_KINDS
 from . import _checkpoint as C
 
-# Options added after checkpoints were first saved: a saved group without one gets the default.
-_OPTIONAL_GROUP_KEYS = ("matrix_view",)
+# Options added after checkpoints were first saved, and what a saved group (or an unpickled optimizer) without
+# one did: "auto" matrices, buffers in the param's dtype.
+_OPTIONAL_GROUP_KEYS = {"matrix_view": "auto", "momentum_dtype": None}
+MOMENTUM_DTYPES = (None, torch.float32, torch.bfloat16)   # the update runs in fp32 (fp64 for fp64 params)
 
 
 class ScionC(Optimizer):
@@ -49,15 +51,21 @@ class ScionC(Optimizer):
             (d_out, d_in·k·k) matrix), "taps" (one (d_out, d_in) matrix per kernel tap), "transposed"
             (stored (d_in, d_out), as transformers' ``Conv1D``) or "auto" (default: "batch" up to 3-D,
             "flatten" from 4-D). See docs/param_groups.md.
+        momentum_dtype: dtype of ``momentum_buffer`` (None: the param's). ``torch.bfloat16`` halves the state of
+            fp32 params (2 bytes/param instead of 4): each step computes m_t in the param's precision from the
+            stored m_{t−1}, hands that unrounded m_t (or the Nesterov blend) to the LMO, and stores m_t rounded to
+            nearest-even bf16. A group option, like the others; a checkpoint keeps the buffers' dtypes.
     """
 
     def __init__(self, params, lr=0.02, momentum: float = 0.1, weight_decay: float = 0.0, *, lmo: str = "spectral",
                  radius: float = 1.0, norm_target: float = 1.1875, corrected: bool = True, ns: str = "classic",
                  ns_steps: int = 5, ns_dtype: Optional[torch.dtype] = None, nesterov: bool = False,
-                 maximize: bool = False, backend: str = "auto", matrix_view: str = "auto"):
+                 maximize: bool = False, backend: str = "auto", matrix_view: str = "auto",
+                 momentum_dtype: Optional[torch.dtype] = None):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, lmo=lmo, radius=radius,
                         norm_target=norm_target, corrected=corrected, ns=ns, ns_steps=ns_steps, ns_dtype=ns_dtype,
-                        nesterov=nesterov, maximize=maximize, backend=backend, matrix_view=matrix_view)
+                        nesterov=nesterov, maximize=maximize, backend=backend, matrix_view=matrix_view,
+                        momentum_dtype=momentum_dtype)
         self._check_group(defaults, [], defaults_only=True)
         # Load the backends now (a first-use compile of the CPU kernels included), not inside the first step():
         # a step traced by torch.compile then never meets an import.
@@ -92,6 +100,7 @@ class ScionC(Optimizer):
         V.flag("maximize", g["maximize"])
         V.choice("backend", g["backend"], _backends.BACKEND_NAMES)
         V.choice("matrix_view", g["matrix_view"], MATRIX_VIEWS)
+        V.choice("momentum_dtype", g["momentum_dtype"], MOMENTUM_DTYPES)
         if not defaults_only and g["corrected"] and g["weight_decay"] != 0:
             raise ValueError(f"Invalid weight_decay: {g['weight_decay']} on a corrected group (its decay is set by "
                              "norm_target); use corrected=False for plain decay γλ")
@@ -117,8 +126,10 @@ class ScionC(Optimizer):
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
-            for key in _OPTIONAL_GROUP_KEYS:
-                group.setdefault(key, self.defaults[key])  # checkpoints saved before the option existed
+            for key, absent in _OPTIONAL_GROUP_KEYS.items():
+                group.setdefault(key, absent)  # checkpoints saved before the option existed
+        for key, absent in _OPTIONAL_GROUP_KEYS.items():
+            self.defaults.setdefault(key, absent)
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """As torch's (the saved hyperparameters replace the current ones), after checking the state dict is a
@@ -130,12 +141,18 @@ class ScionC(Optimizer):
                              - set().union(*map(set, state_dict["param_groups"] or [{}])))
             raise ValueError(f"load_state_dict: not a ScionC state dict: its param groups lack {missing}; a ScionC "
                              f"needs a momentum_buffer per param (another optimizer's state cannot be mapped)")
-        C.check_native(self, state_dict, self._state_spec, lambda g, saved: {**self.defaults, **saved})
+        C.check_native(self, state_dict, self._state_spec,
+                       lambda g, saved: {**self.defaults, **_OPTIONAL_GROUP_KEYS, **saved})
         super().load_state_dict(state_dict)
+        C.restore_saved_tensors(self, state_dict)   # torch's load casts the buffers to the param's dtype
 
     @staticmethod
-    def _state_spec(group, p: Tensor):
-        return {"momentum_buffer": (tuple(p.shape), p.dtype)}, {}
+    def _momentum_dtype(group, p: Tensor) -> torch.dtype:
+        return group.get("momentum_dtype") or p.dtype
+
+    @classmethod
+    def _state_spec(cls, group, p: Tensor):
+        return {"momentum_buffer": (tuple(p.shape), cls._momentum_dtype(group, p))}, {}
 
     def _ns_dtype(self, group, p: Tensor) -> torch.dtype:
         if group["ns_dtype"] is not None:
@@ -161,7 +178,8 @@ class ScionC(Optimizer):
                     continue
                 state = self.state[p]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["momentum_buffer"] = torch.zeros_like(p, dtype=self._momentum_dtype(group, p),
+                                                                memory_format=torch.preserve_format)
                 params.append(p)
                 grads.append(p.grad)
                 bufs.append(state["momentum_buffer"])
