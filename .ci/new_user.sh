@@ -68,6 +68,7 @@ eval "${CMDS[1]} -p no:cacheprovider" 2>&1 | { grep -v "^WARNING: Location" || t
 python -c "import transformers, lightning; print('transformers', transformers.__version__, 'lightning', lightning.__version__)"
 say "command 2 done"
 
-# The numerics tests again under MKL_CBWR=AVX2 and ATEN_CPU_CAPABILITY=default, in this venv.
+# The numerics tests again under MKL_CBWR=AVX2 and ATEN_CPU_CAPABILITY=default (+ FUSEDECAY_CPU_VECTORS=split), in
+# this venv.
 bash .ci/numerics_matrix.sh
 say "done"

@@ -57,6 +57,7 @@ struct F8Format {
   static constexpr int32_t kHalf = (1 << (kShift - 1)) - 1;          // round-half-even bias, less the lsb
   static constexpr int kSubExp = kBias - 1 + kMantissaBits;          // subnormal codes: rne(x·2^kSubExp)
   static constexpr float kMinNormal = exp2i(1 - kBias);
+  static constexpr int32_t kMinNormalBits = (127 + 1 - kBias) << 23;  // its float32 bit pattern
   static constexpr float kSubStep = exp2i(-kSubExp);
   // Normal codes in one add: the rounding bias less the exponent rebase. Wraps (mod 2^32) only for x below
   // kMinNormal, whose result the subnormal branch replaces.
@@ -79,6 +80,9 @@ FD_HD float fd_select(bool c, float a, float b) { return c ? a : b; }
 FD_HD int32_t fd_min(int32_t a, int32_t b) { return a < b ? a : b; }
 FD_HD int32_t fd_abs_code(int32_t c) { return c < 0 ? -c : c; }
 FD_HD float fd_negate_if(int32_t c, float a) { return c < 0 ? -a : a; }  // the SIMD form flips the sign bit
+FD_HD bool fd_is_negative(float m) { return m < 0.0f; }  // the split SIMD form compares bit patterns
+// x < c for x ≥ +0, −0 or NaN and c > 0 with bit pattern c_bits (the split SIMD form compares |x|'s bits).
+FD_HD bool fd_less_nonneg(float x, float c, int32_t) { return x < c; }
 
 // F8(x) for x ≥ 0 (x = |moment|·r or √v·r: +0, −0, positive, or NaN of either sign; NaN → kMaxCode whatever
 // its sign bit, so every platform writes the same code). V is float or the SIMD float type. The same codes as
@@ -91,7 +95,8 @@ FD_HD auto f8_encode(V x) {
   const auto u = fd_bits(x);
   const auto normal = fd_u2i((u + F::kNormalAdd + ((u >> F::kShift) & 1u)) >> F::kShift);
   const auto subnormal = fd_u2i(fd_bits(x + F::kSubMagic)) - F::kSubMagicBits;
-  const auto tiny = x < F::kMinNormal;  // true for −0 (then x + kSubMagic = kSubMagic: code 0), false for NaN
+  // x < kMinNormal: true for −0 (whose x + kSubMagic = kSubMagic gives code 0), false for NaN.
+  const auto tiny = fd_less_nonneg(x, F::kMinNormal, F::kMinNormalBits);
   return fd_min(fd_select(tiny, subnormal, normal), F::kMaxCode);
 }
 
@@ -108,7 +113,7 @@ FD_HD auto f8_decode(I c) {
 template <typename V>
 FD_HD auto encode_exp_avg(V m, float r) {  // int8 code as int32: sign(m)·F8(|m|·r)
   const auto q = f8_encode<kExpBitsM>(fd_abs(m) * r);
-  return fd_select(m < 0.0f, -q, q);
+  return fd_select(fd_is_negative(m), -q, q);
 }
 
 template <typename I>

@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -30,7 +31,12 @@
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
     !defined(FUSEDECAY_NO_CLONES)
+#if defined(FUSEDECAY_NO_AVX512)  // the build a CPU without AVX-512 runs, for measuring it on one that has it
+#define FD_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
 #define FD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#define FD_CPU_ZMM_CLONE 1
+#endif
 #else
 #define FD_CPU_CLONES
 #endif
@@ -48,6 +54,34 @@
 namespace fusedecay {
 namespace cpu {
 namespace {
+
+// How the 64-byte vectors are written (S, a template parameter of the SIMD types and the codecs). GCC lowers some
+// generic-vector code one lane at a time wherever a 64-byte vector spans several registers (the AVX2 and baseline
+// clones, other architectures): a compare feeding a select (`m ? a : b`, or the same with &, |) becomes a scalar
+// compare and branch per lane, 16 bytes widened to 16 int32 lanes go through the stack in pieces (a stalled store
+// forward), and 16 int32 lanes narrowed to bytes are put together byte by byte; 8-bit state ran 12× slower there
+// than with AVX-512. kSplitVectors writes those for split registers: masks from the sign of a difference (an
+// arithmetic shift) and selects as bit operations, bytes widened from 4-byte words by variable shifts, narrowing in
+// two packing steps. kZmmVectors (the AVX-512 clones) keeps compares into mask registers, blends and one-instruction
+// widening and narrowing. Both give the same lanes, bit for bit.
+enum VectorForm : int { kSplitVectors = 0, kZmmVectors = 1 };
+
+// Whether the clones that run here are the AVX-512 ones (the test target_clones' resolver makes); read once. Without
+// clones or without the AVX-512 clone: split. FUSEDECAY_CPU_VECTORS=split makes the AVX-512 clones use the split
+// form too, so that its code is tested on a CPU that would not run it.
+FD_ALWAYS_INLINE bool zmm_clones() {
+#if defined(FD_CPU_ZMM_CLONE)
+  static const bool v = [] {
+    const char* forced = std::getenv("FUSEDECAY_CPU_VECTORS");
+    if (forced != nullptr && std::strcmp(forced, "split") == 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("x86-64-v4") != 0;
+  }();
+  return v;
+#else
+  return false;
+#endif
+}
 
 // Lanes per inner block: 64 bytes of math values (one AVX-512 register, two AVX2, four SSE).
 template <typename T>
@@ -85,19 +119,29 @@ typedef uint16_t u16x16 __attribute__((vector_size(32)));
 constexpr int kVecLanes = 16;
 static_assert(kVecLanes == kLanes<float>, "the vector accumulators must match abs_sum_block's lanes");
 
+template <int S>
 struct F16 {
   f32x16 v;
 };
-FD_ALWAYS_INLINE F16 operator+(F16 a, F16 b) { return F16{a.v + b.v}; }
-FD_ALWAYS_INLINE F16 operator-(F16 a, F16 b) { return F16{a.v - b.v}; }
-FD_ALWAYS_INLINE F16 operator*(F16 a, F16 b) { return F16{a.v * b.v}; }
-FD_ALWAYS_INLINE F16 operator/(F16 a, F16 b) { return F16{a.v / b.v}; }
-FD_ALWAYS_INLINE F16 operator+(F16 a, float b) { return F16{a.v + b}; }
-FD_ALWAYS_INLINE F16 operator-(F16 a, float b) { return F16{a.v - b}; }
-FD_ALWAYS_INLINE F16 operator*(F16 a, float b) { return F16{a.v * b}; }
-FD_ALWAYS_INLINE F16 operator*(float a, F16 b) { return F16{a * b.v}; }
-FD_ALWAYS_INLINE F16 fd_sqrt(F16 a) {
-  F16 r;
+template <int S>
+FD_ALWAYS_INLINE F16<S> operator+(F16<S> a, F16<S> b) { return F16<S>{a.v + b.v}; }
+template <int S>
+FD_ALWAYS_INLINE F16<S> operator-(F16<S> a, F16<S> b) { return F16<S>{a.v - b.v}; }
+template <int S>
+FD_ALWAYS_INLINE F16<S> operator*(F16<S> a, F16<S> b) { return F16<S>{a.v * b.v}; }
+template <int S>
+FD_ALWAYS_INLINE F16<S> operator/(F16<S> a, F16<S> b) { return F16<S>{a.v / b.v}; }
+template <int S>
+FD_ALWAYS_INLINE F16<S> operator+(F16<S> a, float b) { return F16<S>{a.v + b}; }
+template <int S>
+FD_ALWAYS_INLINE F16<S> operator-(F16<S> a, float b) { return F16<S>{a.v - b}; }
+template <int S>
+FD_ALWAYS_INLINE F16<S> operator*(F16<S> a, float b) { return F16<S>{a.v * b}; }
+template <int S>
+FD_ALWAYS_INLINE F16<S> operator*(float a, F16<S> b) { return F16<S>{a * b.v}; }
+template <int S>
+FD_ALWAYS_INLINE F16<S> fd_sqrt(F16<S> a) {
+  F16<S> r;
   for (int k = 0; k < kVecLanes; ++k) r.v[k] = __builtin_sqrtf(a.v[k]);  // one vsqrtps per register
   return r;
 }
@@ -107,49 +151,124 @@ FD_ALWAYS_INLINE F16 fd_sqrt(F16 a) {
 // scalar fd_clip for every non-NaN x (and d NaN or +inf leave x as it is, as there); for a NaN x it gives ±d where
 // fd_clip keeps the NaN, which the callers subtract from an expression already holding that NaN, so θ_t is the
 // same NaN.
-FD_ALWAYS_INLINE F16 fd_clip(F16 x, float d) {
+template <int S>
+FD_ALWAYS_INLINE F16<S> fd_clip(F16<S> x, float d) {
   const u32x16 xb = (u32x16)x.v;
   const u32x16 mag = xb & 0x7fffffffu;
   const u32x16 db = u32x16{} + (float_to_bits(d) & 0x7fffffffu);  // d = −0.0 clips to ±0, as fd_clip does
   const u32x16 lim = mag < db ? mag : db;
-  return F16{(f32x16)(lim | (xb & 0x80000000u))};
+  return F16<S>{(f32x16)(lim | (xb & 0x80000000u))};
 }
 FD_ALWAYS_INLINE f32x16 abs16(f32x16 x) { return (f32x16)((u32x16)x & 0x7fffffffu); }
 // 16 int32 lanes (8-bit codes, comparison masks of 0 / −1) and 16 uint32 lanes (fp32 bit patterns), with
 // the lane-wise forms of the state8.h building blocks (same integer and IEEE operations as the scalar ones).
+template <int S>
 struct I16 {
   i32x16 v;
 };
+template <int S>
 struct U16 {
   u32x16 v;
 };
-FD_ALWAYS_INLINE F16 fd_abs(F16 x) { return F16{abs16(x.v)}; }
-FD_ALWAYS_INLINE F16 operator-(F16 a) { return F16{-a.v}; }
-FD_ALWAYS_INLINE I16 operator<(F16 a, float b) { return I16{a.v < b}; }
-FD_ALWAYS_INLINE I16 operator<(I16 a, int32_t b) { return I16{a.v < b}; }
-FD_ALWAYS_INLINE I16 operator-(I16 a) { return I16{-a.v}; }
-FD_ALWAYS_INLINE I16 operator+(I16 a, int32_t b) { return I16{a.v + b}; }
-FD_ALWAYS_INLINE I16 operator-(I16 a, int32_t b) { return I16{a.v - b}; }
-FD_ALWAYS_INLINE I16 operator<<(I16 a, int b) { return I16{a.v << b}; }
-FD_ALWAYS_INLINE U16 operator&(U16 a, uint32_t b) { return U16{a.v & b}; }
-FD_ALWAYS_INLINE U16 operator+(U16 a, uint32_t b) { return U16{a.v + b}; }
-FD_ALWAYS_INLINE U16 operator+(U16 a, U16 b) { return U16{a.v + b.v}; }
-FD_ALWAYS_INLINE U16 operator>>(U16 a, int b) { return U16{a.v >> b}; }
-FD_ALWAYS_INLINE U16 fd_bits(F16 x) { return U16{(u32x16)x.v}; }
-FD_ALWAYS_INLINE I16 fd_u2i(U16 u) { return I16{(i32x16)u.v}; }
-FD_ALWAYS_INLINE F16 fd_from_bits(I16 b) { return F16{(f32x16)b.v}; }
-FD_ALWAYS_INLINE F16 fd_to_float(I16 c) { return F16{__builtin_convertvector(c.v, f32x16)}; }
-FD_ALWAYS_INLINE I16 fd_select(I16 mask, I16 a, I16 b) { return I16{mask.v ? a.v : b.v}; }
-FD_ALWAYS_INLINE F16 fd_select(I16 mask, F16 a, F16 b) { return F16{mask.v ? a.v : b.v}; }
-FD_ALWAYS_INLINE I16 fd_min(I16 a, int32_t b) {
-  const i32x16 bv = i32x16{} + b;
-  return I16{a.v < bv ? a.v : bv};  // vpminsd
+template <int S>
+FD_ALWAYS_INLINE F16<S> fd_abs(F16<S> x) { return F16<S>{abs16(x.v)}; }
+template <int S>
+FD_ALWAYS_INLINE F16<S> operator-(F16<S> a) { return F16<S>{-a.v}; }
+// a < b as a lane mask; by sign: the sign of a − b, for operands whose difference fits in int32 (the codec compares
+// codes and non-negative bit patterns).
+template <int S>
+FD_ALWAYS_INLINE I16<S> operator<(I16<S> a, int32_t b) {
+  if constexpr (S == kZmmVectors) {
+    return I16<S>{a.v < b};
+  } else {
+    return I16<S>{(a.v - b) >> 31};
+  }
 }
-FD_ALWAYS_INLINE I16 fd_abs_code(I16 c) { return I16{c.v < 0 ? -c.v : c.v}; }
+template <int S>
+FD_ALWAYS_INLINE I16<S> operator-(I16<S> a) { return I16<S>{-a.v}; }
+template <int S>
+FD_ALWAYS_INLINE I16<S> operator+(I16<S> a, int32_t b) { return I16<S>{a.v + b}; }
+template <int S>
+FD_ALWAYS_INLINE I16<S> operator-(I16<S> a, int32_t b) { return I16<S>{a.v - b}; }
+template <int S>
+FD_ALWAYS_INLINE I16<S> operator<<(I16<S> a, int b) { return I16<S>{a.v << b}; }
+template <int S>
+FD_ALWAYS_INLINE U16<S> operator&(U16<S> a, uint32_t b) { return U16<S>{a.v & b}; }
+template <int S>
+FD_ALWAYS_INLINE U16<S> operator+(U16<S> a, uint32_t b) { return U16<S>{a.v + b}; }
+template <int S>
+FD_ALWAYS_INLINE U16<S> operator+(U16<S> a, U16<S> b) { return U16<S>{a.v + b.v}; }
+template <int S>
+FD_ALWAYS_INLINE U16<S> operator>>(U16<S> a, int b) { return U16<S>{a.v >> b}; }
+template <int S>
+FD_ALWAYS_INLINE U16<S> fd_bits(F16<S> x) { return U16<S>{(u32x16)x.v}; }
+template <int S>
+FD_ALWAYS_INLINE I16<S> fd_u2i(U16<S> u) { return I16<S>{(i32x16)u.v}; }
+template <int S>
+FD_ALWAYS_INLINE F16<S> fd_from_bits(I16<S> b) { return F16<S>{(f32x16)b.v}; }
+template <int S>
+FD_ALWAYS_INLINE F16<S> fd_to_float(I16<S> c) { return F16<S>{__builtin_convertvector(c.v, f32x16)}; }
+// mask ? a : b lane by lane (a blend, or bit operations: b ^ ((a ^ b) & mask)).
+template <int S>
+FD_ALWAYS_INLINE i32x16 select_bits(I16<S> mask, i32x16 a, i32x16 b) {
+  if constexpr (S == kZmmVectors) {
+    return mask.v ? a : b;
+  } else {
+    return (a & mask.v) | (b & ~mask.v);
+  }
+}
+template <int S>
+FD_ALWAYS_INLINE I16<S> fd_select(I16<S> mask, I16<S> a, I16<S> b) { return I16<S>{select_bits(mask, a.v, b.v)}; }
+template <int S>
+FD_ALWAYS_INLINE F16<S> fd_select(I16<S> mask, F16<S> a, F16<S> b) {
+  return F16<S>{(f32x16)select_bits(mask, (i32x16)a.v, (i32x16)b.v)};
+}
+// m < 0 as a lane mask, as the scalar m < 0.0f (a negative NaN is not below 0). By sign: the negative non-NaN floats
+// are the int32 patterns t ≤ that of −inf, −2^23 (−0 included too, whose code is 0 either way); min(t, 0) keeps
+// t + 2^23 − 1 from overflowing.
+template <int S>
+FD_ALWAYS_INLINE I16<S> fd_is_negative(F16<S> m) {
+  if constexpr (S == kZmmVectors) {
+    return I16<S>{m.v < 0.0f};
+  } else {
+    const i32x16 t = (i32x16)m.v;
+    const i32x16 zero = {};
+    return I16<S>{((t < zero ? t : zero) + ((1 << 23) - 1)) >> 31};
+  }
+}
+// x < c for x ≥ +0, −0 or NaN and c > 0 (c_bits: its bit pattern), as a lane mask. Split: |x|'s bits below c's
+// (a NaN of either sign lies above every finite value's pattern).
+template <int S>
+FD_ALWAYS_INLINE I16<S> fd_less_nonneg(F16<S> x, float c, int32_t c_bits) {
+  if constexpr (S == kZmmVectors) {
+    return I16<S>{x.v < c};
+  } else {
+    return I16<S>{(((i32x16)x.v & 0x7fffffff) - c_bits) >> 31};
+  }
+}
+// The lanes of float bit patterns u that hold a NaN (|x|'s bits above those of inf).
+template <int S>
+FD_ALWAYS_INLINE I16<S> nan_mask(u32x16 u) {
+  const i32x16 mag = (i32x16)(u & 0x7fffffffu);
+  if constexpr (S == kZmmVectors) {
+    return I16<S>{mag > 0x7f800000};
+  } else {
+    return I16<S>{(0x7f800000 - mag) >> 31};
+  }
+}
+template <int S>
+FD_ALWAYS_INLINE I16<S> fd_min(I16<S> a, int32_t b) {
+  const i32x16 bv = i32x16{} + b;
+  return I16<S>{a.v < bv ? a.v : bv};  // vpminsd
+}
+template <int S>
+FD_ALWAYS_INLINE I16<S> fd_abs_code(I16<S> c) { return I16<S>{c.v < 0 ? -c.v : c.v}; }
 // −a where c < 0: the sign bit of c flipped into a (one vpternlogd; the scalar form's c < 0 ? −a : a, NaNs included).
-FD_ALWAYS_INLINE F16 fd_negate_if(I16 c, F16 a) { return F16{(f32x16)((u32x16)a.v ^ ((u32x16)c.v & 0x80000000u))}; }
+template <int S>
+FD_ALWAYS_INLINE F16<S> fd_negate_if(I16<S> c, F16<S> a) { return F16<S>{(f32x16)((u32x16)a.v ^ ((u32x16)c.v & 0x80000000u))}; }
 // max over lanes of |x| as bits (state8::abs_bits), folded into a running lane-wise maximum.
-FD_ALWAYS_INLINE u32x16 max_abs_bits(u32x16 acc, F16 x) {
+template <int S>
+FD_ALWAYS_INLINE u32x16 max_abs_bits(u32x16 acc, F16<S> x) {
   const u32x16 b = (u32x16)x.v & 0x7fffffffu;
   return b > acc ? b : acc;
 }
@@ -161,54 +280,74 @@ FD_ALWAYS_INLINE uint32_t hmax(u32x16 x) {
 // The scalar overloads stay visible next to the lane-wise ones declared in this namespace.
 using ::fusedecay::fd_abs;
 using ::fusedecay::fd_sqrt;
-typedef int8_t i8x16 __attribute__((vector_size(16)));
-typedef uint8_t u8x16 __attribute__((vector_size(16)));
-// 16 codes to and from bytes.
-template <typename B>
-FD_ALWAYS_INLINE I16 load_codes(const B* p) {
-  I16 w;
+typedef int16_t i16x16 __attribute__((vector_size(32)));
+// 16 codes to and from bytes (int8 codes sign-extended, uint8 zero-extended).
+template <int S, typename B>
+FD_ALWAYS_INLINE I16<S> load_codes(const B* p) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+  if constexpr (S == kSplitVectors) {
+    // Lane k is byte k%4 of word k/4, shifted to the top and back (vpshufd, vpsllvd, vpsrad/vpsrld per 8 lanes).
+    uint32_t q[4];
+    std::memcpy(q, p, sizeof q);
+    const u32x16 w = {q[0], q[0], q[0], q[0], q[1], q[1], q[1], q[1], q[2], q[2], q[2], q[2], q[3], q[3], q[3], q[3]};
+    const u32x16 top = w << u32x16{24, 16, 8, 0, 24, 16, 8, 0, 24, 16, 8, 0, 24, 16, 8, 0};
+    if constexpr (std::is_signed<B>::value) {
+      return I16<S>{(i32x16)top >> 24};
+    } else {
+      return I16<S>{(i32x16)(top >> 24)};
+    }
+  }
+#endif
+  I16<S> w;
   for (int k = 0; k < kVecLanes; ++k) w.v[k] = p[k];  // vpmovsxbd / vpmovzxbd
   return w;
 }
-FD_ALWAYS_INLINE void store_codes(int8_t* p, I16 c) {
-  const i8x16 b = __builtin_convertvector(c.v, i8x16);
-  std::memcpy(p, &b, sizeof b);
-}
-FD_ALWAYS_INLINE void store_codes(uint8_t* p, I16 c) {
-  const u8x16 b = __builtin_convertvector(c.v, u8x16);
+template <int S, typename B>
+FD_ALWAYS_INLINE void store_codes(B* p, I16<S> c) {  // c in B's range
+  typedef B b16 __attribute__((vector_size(16)));
+  b16 b;
+  if constexpr (S == kSplitVectors) {
+    b = __builtin_convertvector(__builtin_convertvector(c.v, i16x16), b16);  // two packs and their lane fix-ups
+  } else {
+    b = __builtin_convertvector(c.v, b16);  // vpmovdb
+  }
   std::memcpy(p, &b, sizeof b);
 }
 
-// Vector load / store of 16 elements of storage type S; store returns the stored value widened
+// Vector load / store of 16 elements of storage type T; store returns the stored value widened
 // back to float (what Σ|θ_t| sums).
-template <typename S>
+template <typename T>
 struct VecIo;
 template <>
 struct VecIo<float> {
-  static FD_ALWAYS_INLINE F16 load(const float* p) {
-    F16 r;
+  template <int S>
+  static FD_ALWAYS_INLINE F16<S> load(const float* p) {
+    F16<S> r;
     std::memcpy(&r.v, p, sizeof r.v);
     return r;
   }
-  static FD_ALWAYS_INLINE f32x16 store(float* p, F16 x) {
+  template <int S>
+  static FD_ALWAYS_INLINE f32x16 store(float* p, F16<S> x) {
     std::memcpy(p, &x.v, sizeof x.v);
     return x.v;
   }
 };
 template <>
 struct VecIo<BF16> {
-  static FD_ALWAYS_INLINE F16 load(const uint16_t* p) {
+  template <int S>
+  static FD_ALWAYS_INLINE F16<S> load(const uint16_t* p) {
     // A lane loop rather than __builtin_convertvector: GCC 12 turns it into one zero-extending
     // load per register (vpmovzxwd) where the convertvector lowering splits it into halves.
     u32x16 w;
     for (int k = 0; k < kVecLanes; ++k) w[k] = static_cast<uint32_t>(p[k]) << 16;
-    return F16{(f32x16)w};
+    return F16<S>{(f32x16)w};
   }
-  // float_to_bf16_bits lane by lane: round to nearest even, NaN → 0x7FC0.
-  static FD_ALWAYS_INLINE f32x16 store(uint16_t* p, F16 x) {
+  // float_to_bf16_bits lane by lane: round to nearest even, NaN (|x| bits above 0x7f800000) → 0x7FC0.
+  template <int S>
+  static FD_ALWAYS_INLINE f32x16 store(uint16_t* p, F16<S> x) {
     const u32x16 u = (u32x16)x.v;
     const u32x16 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    const u32x16 bits = (u & 0x7fffffffu) > 0x7f800000u ? u32x16{} + 0x7fc0u : rounded;
+    const u32x16 bits = (u32x16)select_bits(nan_mask<S>(u), i32x16{} + 0x7fc0, (i32x16)rounded);
     const u16x16 h = __builtin_convertvector(bits, u16x16);
     std::memcpy(p, &h, sizeof h);
     return (f32x16)(bits << 16);
@@ -244,10 +383,12 @@ struct ChunkArgs {
   int64_t n;
 };
 
-// Moments stored element by element (fp32, bf16, fp64): kGroup = 1, keep() stores at once.
-template <typename M, typename T>
+// Moments stored element by element (fp32, bf16, fp64): kGroup = 1, keep() stores at once. S: the VectorForm of the
+// vector path (only bf16 stores make a mask).
+template <typename M, typename T, int S>
 struct ElementwiseCodec {
   using MR = typename Io<M>::raw;
+  static constexpr int kForm = S;
   static constexpr int kGroup = 1;  // lane blocks per group
   static constexpr int64_t kPrefetch = 0;  // no software prefetch (see update_chunk)
   MR* __restrict m;
@@ -262,9 +403,9 @@ struct ElementwiseCodec {
   }
   FD_ALWAYS_INLINE void end_group1(int64_t) {}
 #if defined(FD_CPU_SIMD)
-  FD_ALWAYS_INLINE F16 load_m(int64_t i) const { return VecIo<M>::load(m + i); }
-  FD_ALWAYS_INLINE F16 load_v(int64_t i) const { return VecIo<M>::load(v + i); }
-  FD_ALWAYS_INLINE void keep(int, int64_t i, F16 mm, F16 vv) {
+  FD_ALWAYS_INLINE F16<S> load_m(int64_t i) const { return VecIo<M>::template load<S>(m + i); }
+  FD_ALWAYS_INLINE F16<S> load_v(int64_t i) const { return VecIo<M>::template load<S>(v + i); }
+  FD_ALWAYS_INLINE void keep(int, int64_t i, F16<S> mm, F16<S> vv) {
     VecIo<M>::store(m + i, mm);
     VecIo<M>::store(v + i, vv);
   }
@@ -276,7 +417,9 @@ struct ElementwiseCodec {
 // reads the block's old scales; loads decode; keep() holds the updated m and √v; end_group takes the
 // block maxima, writes the new scales and encodes the codes. Chunks start on block boundaries and 8-bit
 // tensors have a multiple of kBlock elements (the glue checks both), so there is never a partial group.
+template <int S>
 struct Q8Codec {
+  static constexpr int kForm = S;
   static constexpr int kGroup = state8::kBlock / kLanes<float>;
   static constexpr int64_t kPrefetch = 512;  // elements ahead (see update_chunk)
   int8_t* __restrict m;
@@ -326,10 +469,14 @@ struct Q8Codec {
     rw = state8::encode_factor(new_sw);
   }
 #if defined(FD_CPU_SIMD)
-  F16 km[kGroup], kw[kGroup];  // vector path: the block's updated m and √v
-  FD_ALWAYS_INLINE F16 load_m(int64_t i) const { return state8::decode_exp_avg<I16>(load_codes(m + i), sm); }
-  FD_ALWAYS_INLINE F16 load_v(int64_t i) const { return state8::decode_exp_avg_sq<I16>(load_codes(v + i), sv); }
-  FD_ALWAYS_INLINE void keep(int k, int64_t, F16 mm, F16 vv) {
+  F16<S> km[kGroup], kw[kGroup];  // vector path: the block's updated m and √v
+  FD_ALWAYS_INLINE F16<S> load_m(int64_t i) const {
+    return state8::decode_exp_avg<I16<S>>(load_codes<S>(m + i), sm);
+  }
+  FD_ALWAYS_INLINE F16<S> load_v(int64_t i) const {
+    return state8::decode_exp_avg_sq<I16<S>>(load_codes<S>(v + i), sv);
+  }
+  FD_ALWAYS_INLINE void keep(int k, int64_t, F16<S> mm, F16<S> vv) {
     km[k] = mm;
     kw[k] = fd_sqrt(vv);  // the same √v the element function divided by
   }
@@ -342,8 +489,8 @@ struct Q8Codec {
     float rm, rw;
     finish_scales(i, hmax(bm), hmax(bw), rm, rw);
     for (int k = 0; k < kGroup; ++k) {
-      store_codes(m + i + k * kVecLanes, state8::encode_exp_avg<F16>(km[k], rm));
-      store_codes(v + i + k * kVecLanes, state8::encode_exp_avg_sq<F16>(kw[k], rw));
+      store_codes(m + i + k * kVecLanes, state8::encode_exp_avg<F16<S>>(km[k], rm));
+      store_codes(v + i + k * kVecLanes, state8::encode_exp_avg_sq<F16<S>>(kw[k], rw));
     }
   }
 #endif
@@ -409,9 +556,11 @@ FD_ALWAYS_INLINE double update_chunk(const ChunkArgs& a, const StepScalars<T>& s
         codec.begin_group(base + i);
         for (int k = 0; k < G; ++k) {
           const int64_t j = base + i + k * kVecLanes;
-          F16 mm = codec.load_m(j);
-          F16 vv = codec.load_v(j);
-          const F16 th = adam_decay_element<D, float, F16>(VecIo<P>::load(p + j), VecIo<P>::load(g + j), mm, vv, sc);
+          using V = F16<Codec::kForm>;
+          V mm = codec.load_m(j);
+          V vv = codec.load_v(j);
+          const V th = adam_decay_element<D, float, V>(VecIo<P>::template load<Codec::kForm>(p + j),
+                                                       VecIo<P>::template load<Codec::kForm>(g + j), mm, vv, sc);
           const f32x16 stored = VecIo<P>::store(p + j, th);
           codec.keep(k, j, mm, vv);
           if (Sum) acc += abs16(stored);
@@ -464,17 +613,23 @@ FD_ALWAYS_INLINE double abs_sum_chunk(const void* pv, int64_t n) {
 template <typename T>
 using UpdateFn = double (*)(const ChunkArgs&, const StepScalars<T>&);
 
-using CodecF32 = ElementwiseCodec<float, float>;
-using CodecBF16 = ElementwiseCodec<BF16, float>;
-using CodecF64 = ElementwiseCodec<double, double>;
+template <int S>
+using CodecF32 = ElementwiseCodec<float, float, S>;
+template <int S>
+using CodecBF16 = ElementwiseCodec<BF16, float, S>;
+template <int S>
+using CodecF64 = ElementwiseCodec<double, double, S>;
 
-// Non-template entry points (target_clones needs plain functions); one per (P, codec, decay).
+// Non-template entry points (target_clones needs plain functions); one per (P, codec, decay). Each clone holds both
+// mask styles of the codec C and runs the one zmm_clones() picks (the other is never run in that clone).
 #define FD_DEFINE_UPDATE(NAME, P, C, T, D)                                                                   \
   FD_CPU_CLONES FD_FLATTEN double NAME(const ChunkArgs& a, const StepScalars<T>& s) {                        \
-    return update_chunk<P, C, T, D, true>(a, s);                                                             \
+    return zmm_clones() ? update_chunk<P, C<kZmmVectors>, T, D, true>(a, s)                           \
+                           : update_chunk<P, C<kSplitVectors>, T, D, true>(a, s);                             \
   }                                                                                                          \
   FD_CPU_CLONES FD_FLATTEN double NAME##_nosum(const ChunkArgs& a, const StepScalars<T>& s) {                \
-    return update_chunk<P, C, T, D, false>(a, s);                                                            \
+    return zmm_clones() ? update_chunk<P, C<kZmmVectors>, T, D, false>(a, s)                          \
+                           : update_chunk<P, C<kSplitVectors>, T, D, false>(a, s);                            \
   }
 #define FD_DEFINE_UPDATE_3(NAME, P, C, T)          \
   FD_DEFINE_UPDATE(NAME##_l2, P, C, T, kDecayL2)     \
