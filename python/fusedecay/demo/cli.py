@@ -19,7 +19,6 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
