@@ -55,15 +55,16 @@ namespace fusedecay {
 namespace cpu {
 namespace {
 
-// How the 64-byte vectors are written (S, a template parameter of the SIMD types and the codecs). GCC lowers some
-// generic-vector code one lane at a time wherever a 64-byte vector spans several registers (the AVX2 and baseline
-// clones, other architectures): a compare feeding a select (`m ? a : b`, or the same with &, |) becomes a scalar
-// compare and branch per lane, 16 bytes widened to 16 int32 lanes go through the stack in pieces (a stalled store
-// forward), and 16 int32 lanes narrowed to bytes are put together byte by byte; 8-bit state ran 12× slower there
-// than with AVX-512. kSplitVectors writes those for split registers: masks from the sign of a difference (an
-// arithmetic shift) and selects as bit operations, bytes widened from 4-byte words by variable shifts, narrowing in
-// two packing steps. kZmmVectors (the AVX-512 clones) keeps compares into mask registers, blends and one-instruction
-// widening and narrowing. Both give the same lanes, bit for bit.
+// How the 16-lane values are written (S, a template parameter of the SIMD types and the codecs). GCC handles a
+// 64-byte generic vector badly wherever no register holds one (the AVX2 and baseline clones, other architectures):
+// kept in a struct it lives in memory and moves through the stack and general registers; a compare feeding a select
+// (`m ? a : b`, or the same with &, |) becomes a scalar compare and branch per lane; 16 bytes widened to int32 lanes
+// go through the stack in pieces (a stalled store forward); int32 lanes narrowed to bytes are assembled byte by
+// byte. 8-bit state ran 12× slower there than with AVX-512, fp32 moments ~1.4×. kSplitVectors holds two 32-byte
+// halves, makes masks from the sign of a difference (an arithmetic shift), selects with bit operations, widens
+// bytes from 4-byte words by variable shifts and narrows in two packing steps. kZmmVectors (the AVX-512 clones)
+// holds one 64-byte vector and keeps compares into mask registers, blends and one-instruction widening and
+// narrowing. Both give the same lanes, bit for bit.
 enum VectorForm : int { kSplitVectors = 0, kZmmVectors = 1 };
 
 // Whether the clones that run here are the AVX-512 ones (the test target_clones' resolver makes); read once. Without
@@ -109,197 +110,249 @@ struct Io<BF16> {
 
 #if defined(__GNUC__) && !defined(__clang__) && !defined(FUSEDECAY_NO_SIMD)
 #define FD_CPU_SIMD 1
-// 16 float lanes (64 bytes) as a GCC generic vector. Its arithmetic is lane-wise IEEE (no FMA under
-// -ffp-contract=off, no reciprocal tricks), so each lane rounds exactly as the scalar code; each
-// target_clones variant lowers it to its own ISA (one zmm, two ymm or four xmm registers).
+// 16 float lanes (64 bytes) as GCC generic vectors: one 64-byte vector in the AVX-512 form, two 32-byte halves in the
+// split form (a 64-byte aggregate that no register holds is kept in memory by GCC and moved through the stack and
+// general registers; 32-byte halves stay in ymm registers on AVX2 and become xmm pairs on the baseline). The
+// arithmetic is lane-wise IEEE (no FMA under -ffp-contract=off, no reciprocal tricks), so each lane rounds exactly
+// as the scalar code.
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef int16_t i16x16 __attribute__((vector_size(32)));
 constexpr int kVecLanes = 16;
 static_assert(kVecLanes == kLanes<float>, "the vector accumulators must match abs_sum_block's lanes");
 
+// The registers of one 16-lane value: kParts vectors of kPartLanes lanes.
 template <int S>
-struct F16 {
-  f32x16 v;
+struct Parts;
+template <>
+struct Parts<kZmmVectors> {
+  static constexpr int kParts = 1;
+  typedef f32x16 F;
+  typedef i32x16 I;
+  typedef u32x16 U;
+};
+template <>
+struct Parts<kSplitVectors> {
+  static constexpr int kParts = 2;
+  typedef f32x8 F;
+  typedef i32x8 I;
+  typedef u32x8 U;
 };
 template <int S>
-FD_ALWAYS_INLINE F16<S> operator+(F16<S> a, F16<S> b) { return F16<S>{a.v + b.v}; }
+constexpr int kPartLanes = kVecLanes / Parts<S>::kParts;
+
 template <int S>
-FD_ALWAYS_INLINE F16<S> operator-(F16<S> a, F16<S> b) { return F16<S>{a.v - b.v}; }
-template <int S>
-FD_ALWAYS_INLINE F16<S> operator*(F16<S> a, F16<S> b) { return F16<S>{a.v * b.v}; }
-template <int S>
-FD_ALWAYS_INLINE F16<S> operator/(F16<S> a, F16<S> b) { return F16<S>{a.v / b.v}; }
-template <int S>
-FD_ALWAYS_INLINE F16<S> operator+(F16<S> a, float b) { return F16<S>{a.v + b}; }
-template <int S>
-FD_ALWAYS_INLINE F16<S> operator-(F16<S> a, float b) { return F16<S>{a.v - b}; }
-template <int S>
-FD_ALWAYS_INLINE F16<S> operator*(F16<S> a, float b) { return F16<S>{a.v * b}; }
-template <int S>
-FD_ALWAYS_INLINE F16<S> operator*(float a, F16<S> b) { return F16<S>{a * b.v}; }
-template <int S>
-FD_ALWAYS_INLINE F16<S> fd_sqrt(F16<S> a) {
-  F16<S> r;
-  for (int k = 0; k < kVecLanes; ++k) r.v[k] = __builtin_sqrtf(a.v[k]);  // one vsqrtps per register
-  return r;
-}
-// clip(x, −d, d) for d ≥ 0 as sign(x)·min(|x|, d), the minimum taken on the bit patterns (non-negative floats
-// order like their bits): an integer min, which GCC lowers to vpminud in the AVX2/AVX-512 clones, where a float
-// compare and select on the 64-byte type is scalarised in the clones without 512-bit registers. Equal to the
-// scalar fd_clip for every non-NaN x (and d NaN or +inf leave x as it is, as there); for a NaN x it gives ±d where
-// fd_clip keeps the NaN, which the callers subtract from an expression already holding that NaN, so θ_t is the
-// same NaN.
-template <int S>
-FD_ALWAYS_INLINE F16<S> fd_clip(F16<S> x, float d) {
-  const u32x16 xb = (u32x16)x.v;
-  const u32x16 mag = xb & 0x7fffffffu;
-  const u32x16 db = u32x16{} + (float_to_bits(d) & 0x7fffffffu);  // d = −0.0 clips to ±0, as fd_clip does
-  const u32x16 lim = mag < db ? mag : db;
-  return F16<S>{(f32x16)(lim | (xb & 0x80000000u))};
-}
-FD_ALWAYS_INLINE f32x16 abs16(f32x16 x) { return (f32x16)((u32x16)x & 0x7fffffffu); }
-// 16 int32 lanes (8-bit codes, comparison masks of 0 / −1) and 16 uint32 lanes (fp32 bit patterns), with
-// the lane-wise forms of the state8.h building blocks (same integer and IEEE operations as the scalar ones).
+struct F16 {
+  typename Parts<S>::F v[Parts<S>::kParts];
+};
+// 16 int32 lanes (8-bit codes, lane masks of 0 / −1) and 16 uint32 lanes (fp32 bit patterns), with the lane-wise
+// forms of the state8.h building blocks (the same integer and IEEE operations as the scalar ones).
 template <int S>
 struct I16 {
-  i32x16 v;
+  typename Parts<S>::I v[Parts<S>::kParts];
 };
 template <int S>
 struct U16 {
-  u32x16 v;
+  typename Parts<S>::U v[Parts<S>::kParts];
 };
+
+// r.v[h] = fn(h) for every part h.
+template <typename R, typename Fn>
+FD_ALWAYS_INLINE R per_part(Fn fn) {
+  R r;
+  for (int h = 0; h < static_cast<int>(sizeof(r.v) / sizeof(r.v[0])); ++h) r.v[h] = fn(h);
+  return r;
+}
+#define FD_PARTS(R, EXPR) per_part<R>([&](int h) { return EXPR; })
+
 template <int S>
-FD_ALWAYS_INLINE F16<S> fd_abs(F16<S> x) { return F16<S>{abs16(x.v)}; }
+FD_ALWAYS_INLINE F16<S> operator+(F16<S> a, F16<S> b) { return FD_PARTS(F16<S>, a.v[h] + b.v[h]); }
 template <int S>
-FD_ALWAYS_INLINE F16<S> operator-(F16<S> a) { return F16<S>{-a.v}; }
-// a < b as a lane mask; by sign: the sign of a − b, for operands whose difference fits in int32 (the codec compares
-// codes and non-negative bit patterns).
+FD_ALWAYS_INLINE F16<S> operator-(F16<S> a, F16<S> b) { return FD_PARTS(F16<S>, a.v[h] - b.v[h]); }
+template <int S>
+FD_ALWAYS_INLINE F16<S> operator*(F16<S> a, F16<S> b) { return FD_PARTS(F16<S>, a.v[h] * b.v[h]); }
+template <int S>
+FD_ALWAYS_INLINE F16<S> operator/(F16<S> a, F16<S> b) { return FD_PARTS(F16<S>, a.v[h] / b.v[h]); }
+template <int S>
+FD_ALWAYS_INLINE F16<S> operator+(F16<S> a, float b) { return FD_PARTS(F16<S>, a.v[h] + b); }
+template <int S>
+FD_ALWAYS_INLINE F16<S> operator-(F16<S> a, float b) { return FD_PARTS(F16<S>, a.v[h] - b); }
+template <int S>
+FD_ALWAYS_INLINE F16<S> operator*(F16<S> a, float b) { return FD_PARTS(F16<S>, a.v[h] * b); }
+template <int S>
+FD_ALWAYS_INLINE F16<S> operator*(float a, F16<S> b) { return FD_PARTS(F16<S>, a * b.v[h]); }
+template <int S>
+FD_ALWAYS_INLINE F16<S> operator-(F16<S> a) { return FD_PARTS(F16<S>, -a.v[h]); }
+template <int S>
+FD_ALWAYS_INLINE F16<S> fd_sqrt(F16<S> a) {
+  F16<S> r;
+  for (int h = 0; h < Parts<S>::kParts; ++h) {
+    for (int k = 0; k < kPartLanes<S>; ++k) r.v[h][k] = __builtin_sqrtf(a.v[h][k]);  // one vsqrtps per register
+  }
+  return r;
+}
+template <int S>
+FD_ALWAYS_INLINE U16<S> fd_bits(F16<S> x) { return FD_PARTS(U16<S>, (typename Parts<S>::U)x.v[h]); }
+template <int S>
+FD_ALWAYS_INLINE I16<S> fd_u2i(U16<S> u) { return FD_PARTS(I16<S>, (typename Parts<S>::I)u.v[h]); }
+template <int S>
+FD_ALWAYS_INLINE F16<S> fd_from_bits(I16<S> b) { return FD_PARTS(F16<S>, (typename Parts<S>::F)b.v[h]); }
+template <int S>
+FD_ALWAYS_INLINE F16<S> fd_from_bits(U16<S> b) { return FD_PARTS(F16<S>, (typename Parts<S>::F)b.v[h]); }
+template <int S>
+FD_ALWAYS_INLINE F16<S> fd_to_float(I16<S> c) {
+  return FD_PARTS(F16<S>, __builtin_convertvector(c.v[h], typename Parts<S>::F));
+}
+template <int S>
+FD_ALWAYS_INLINE F16<S> fd_abs(F16<S> x) { return fd_from_bits(fd_bits(x) & 0x7fffffffu); }
+template <int S>
+FD_ALWAYS_INLINE I16<S> operator-(I16<S> a) { return FD_PARTS(I16<S>, -a.v[h]); }
+template <int S>
+FD_ALWAYS_INLINE I16<S> operator+(I16<S> a, int32_t b) { return FD_PARTS(I16<S>, a.v[h] + b); }
+template <int S>
+FD_ALWAYS_INLINE I16<S> operator-(I16<S> a, int32_t b) { return FD_PARTS(I16<S>, a.v[h] - b); }
+template <int S>
+FD_ALWAYS_INLINE I16<S> operator<<(I16<S> a, int b) { return FD_PARTS(I16<S>, a.v[h] << b); }
+template <int S>
+FD_ALWAYS_INLINE U16<S> operator&(U16<S> a, uint32_t b) { return FD_PARTS(U16<S>, a.v[h] & b); }
+template <int S>
+FD_ALWAYS_INLINE U16<S> operator|(U16<S> a, U16<S> b) { return FD_PARTS(U16<S>, a.v[h] | b.v[h]); }
+template <int S>
+FD_ALWAYS_INLINE U16<S> operator+(U16<S> a, uint32_t b) { return FD_PARTS(U16<S>, a.v[h] + b); }
+template <int S>
+FD_ALWAYS_INLINE U16<S> operator+(U16<S> a, U16<S> b) { return FD_PARTS(U16<S>, a.v[h] + b.v[h]); }
+template <int S>
+FD_ALWAYS_INLINE U16<S> operator>>(U16<S> a, int b) { return FD_PARTS(U16<S>, a.v[h] >> b); }
+template <int S>
+FD_ALWAYS_INLINE U16<S> operator<<(U16<S> a, int b) { return FD_PARTS(U16<S>, a.v[h] << b); }
+// Lane-wise minimum and maximum (vpminsd/vpminud/vpmaxud: GCC recognises the compare-and-select as one).
+template <int S>
+FD_ALWAYS_INLINE I16<S> fd_min(I16<S> a, int32_t b) {
+  return FD_PARTS(I16<S>, a.v[h] < b ? a.v[h] : (typename Parts<S>::I{} + b));
+}
+template <int S>
+FD_ALWAYS_INLINE U16<S> fd_min(U16<S> a, U16<S> b) { return FD_PARTS(U16<S>, a.v[h] < b.v[h] ? a.v[h] : b.v[h]); }
+template <int S>
+FD_ALWAYS_INLINE U16<S> fd_max(U16<S> a, U16<S> b) { return FD_PARTS(U16<S>, b.v[h] > a.v[h] ? b.v[h] : a.v[h]); }
+template <int S>
+FD_ALWAYS_INLINE I16<S> fd_abs_code(I16<S> c) { return FD_PARTS(I16<S>, c.v[h] < 0 ? -c.v[h] : c.v[h]); }
+// clip(x, −d, d) for d ≥ 0 as sign(x)·min(|x|, d), the minimum taken on the bit patterns (non-negative floats order
+// like their bits): an integer min, where a float compare and select would be scalarised in the split form. Equal to
+// the scalar fd_clip for every non-NaN x (and d NaN or +inf leave x as it is, as there); for a NaN x it gives ±d
+// where fd_clip keeps the NaN, which the callers subtract from an expression already holding that NaN, so θ_t is the
+// same NaN.
+template <int S>
+FD_ALWAYS_INLINE F16<S> fd_clip(F16<S> x, float d) {
+  const U16<S> xb = fd_bits(x);
+  const U16<S> db = FD_PARTS(U16<S>, typename Parts<S>::U{} + (float_to_bits(d) & 0x7fffffffu));  // −0.0 clips to ±0
+  return fd_from_bits(fd_min(xb & 0x7fffffffu, db) | (xb & 0x80000000u));
+}
+// a < b as a lane mask; split form: the sign of a − b, for operands whose difference fits in int32 (the codec
+// compares codes and non-negative bit patterns).
 template <int S>
 FD_ALWAYS_INLINE I16<S> operator<(I16<S> a, int32_t b) {
   if constexpr (S == kZmmVectors) {
-    return I16<S>{a.v < b};
+    return FD_PARTS(I16<S>, a.v[h] < b);
   } else {
-    return I16<S>{(a.v - b) >> 31};
+    return FD_PARTS(I16<S>, (a.v[h] - b) >> 31);
   }
 }
+// mask ? a : b lane by lane (a blend, or bit operations).
 template <int S>
-FD_ALWAYS_INLINE I16<S> operator-(I16<S> a) { return I16<S>{-a.v}; }
-template <int S>
-FD_ALWAYS_INLINE I16<S> operator+(I16<S> a, int32_t b) { return I16<S>{a.v + b}; }
-template <int S>
-FD_ALWAYS_INLINE I16<S> operator-(I16<S> a, int32_t b) { return I16<S>{a.v - b}; }
-template <int S>
-FD_ALWAYS_INLINE I16<S> operator<<(I16<S> a, int b) { return I16<S>{a.v << b}; }
-template <int S>
-FD_ALWAYS_INLINE U16<S> operator&(U16<S> a, uint32_t b) { return U16<S>{a.v & b}; }
-template <int S>
-FD_ALWAYS_INLINE U16<S> operator+(U16<S> a, uint32_t b) { return U16<S>{a.v + b}; }
-template <int S>
-FD_ALWAYS_INLINE U16<S> operator+(U16<S> a, U16<S> b) { return U16<S>{a.v + b.v}; }
-template <int S>
-FD_ALWAYS_INLINE U16<S> operator>>(U16<S> a, int b) { return U16<S>{a.v >> b}; }
-template <int S>
-FD_ALWAYS_INLINE U16<S> fd_bits(F16<S> x) { return U16<S>{(u32x16)x.v}; }
-template <int S>
-FD_ALWAYS_INLINE I16<S> fd_u2i(U16<S> u) { return I16<S>{(i32x16)u.v}; }
-template <int S>
-FD_ALWAYS_INLINE F16<S> fd_from_bits(I16<S> b) { return F16<S>{(f32x16)b.v}; }
-template <int S>
-FD_ALWAYS_INLINE F16<S> fd_to_float(I16<S> c) { return F16<S>{__builtin_convertvector(c.v, f32x16)}; }
-// mask ? a : b lane by lane (a blend, or bit operations: b ^ ((a ^ b) & mask)).
-template <int S>
-FD_ALWAYS_INLINE i32x16 select_bits(I16<S> mask, i32x16 a, i32x16 b) {
+FD_ALWAYS_INLINE I16<S> fd_select(I16<S> mask, I16<S> a, I16<S> b) {
   if constexpr (S == kZmmVectors) {
-    return mask.v ? a : b;
+    return FD_PARTS(I16<S>, mask.v[h] ? a.v[h] : b.v[h]);
   } else {
-    return (a & mask.v) | (b & ~mask.v);
+    return FD_PARTS(I16<S>, (a.v[h] & mask.v[h]) | (b.v[h] & ~mask.v[h]));
   }
 }
-template <int S>
-FD_ALWAYS_INLINE I16<S> fd_select(I16<S> mask, I16<S> a, I16<S> b) { return I16<S>{select_bits(mask, a.v, b.v)}; }
 template <int S>
 FD_ALWAYS_INLINE F16<S> fd_select(I16<S> mask, F16<S> a, F16<S> b) {
-  return F16<S>{(f32x16)select_bits(mask, (i32x16)a.v, (i32x16)b.v)};
+  return fd_from_bits(fd_select(mask, fd_u2i(fd_bits(a)), fd_u2i(fd_bits(b))));
 }
-// m < 0 as a lane mask, as the scalar m < 0.0f (a negative NaN is not below 0). By sign: the negative non-NaN floats
-// are the int32 patterns t ≤ that of −inf, −2^23 (−0 included too, whose code is 0 either way); min(t, 0) keeps
-// t + 2^23 − 1 from overflowing.
+// m < 0 as a lane mask, as the scalar m < 0.0f (a negative NaN is not below 0). Split form: the negative non-NaN
+// floats are the int32 patterns t ≤ that of −inf, −2^23 (−0 included too, whose code is 0 either way); min(t, 0)
+// keeps t + 2^23 − 1 from overflowing.
 template <int S>
 FD_ALWAYS_INLINE I16<S> fd_is_negative(F16<S> m) {
   if constexpr (S == kZmmVectors) {
-    return I16<S>{m.v < 0.0f};
+    return FD_PARTS(I16<S>, m.v[h] < 0.0f);
   } else {
-    const i32x16 t = (i32x16)m.v;
-    const i32x16 zero = {};
-    return I16<S>{((t < zero ? t : zero) + ((1 << 23) - 1)) >> 31};
+    const I16<S> t = fd_u2i(fd_bits(m));
+    return FD_PARTS(I16<S>, ((t.v[h] < 0 ? t.v[h] : typename Parts<S>::I{}) + ((1 << 23) - 1)) >> 31);
   }
 }
-// x < c for x ≥ +0, −0 or NaN and c > 0 (c_bits: its bit pattern), as a lane mask. Split: |x|'s bits below c's
-// (a NaN of either sign lies above every finite value's pattern).
+// x < c for x ≥ +0, −0 or NaN and c > 0 (c_bits: its bit pattern), as a lane mask. Split form: |x|'s bits below
+// c's (a NaN of either sign lies above every finite value's pattern).
 template <int S>
 FD_ALWAYS_INLINE I16<S> fd_less_nonneg(F16<S> x, float c, int32_t c_bits) {
   if constexpr (S == kZmmVectors) {
-    return I16<S>{x.v < c};
+    return FD_PARTS(I16<S>, x.v[h] < c);
   } else {
-    return I16<S>{(((i32x16)x.v & 0x7fffffff) - c_bits) >> 31};
+    const I16<S> mag = fd_u2i(fd_bits(x) & 0x7fffffffu);
+    return FD_PARTS(I16<S>, (mag.v[h] - c_bits) >> 31);
   }
 }
 // The lanes of float bit patterns u that hold a NaN (|x|'s bits above those of inf).
 template <int S>
-FD_ALWAYS_INLINE I16<S> nan_mask(u32x16 u) {
-  const i32x16 mag = (i32x16)(u & 0x7fffffffu);
+FD_ALWAYS_INLINE I16<S> nan_mask(U16<S> u) {
+  const I16<S> mag = fd_u2i(u & 0x7fffffffu);
   if constexpr (S == kZmmVectors) {
-    return I16<S>{mag > 0x7f800000};
+    return FD_PARTS(I16<S>, mag.v[h] > 0x7f800000);
   } else {
-    return I16<S>{(0x7f800000 - mag) >> 31};
+    return FD_PARTS(I16<S>, (0x7f800000 - mag.v[h]) >> 31);
   }
 }
-template <int S>
-FD_ALWAYS_INLINE I16<S> fd_min(I16<S> a, int32_t b) {
-  const i32x16 bv = i32x16{} + b;
-  return I16<S>{a.v < bv ? a.v : bv};  // vpminsd
-}
-template <int S>
-FD_ALWAYS_INLINE I16<S> fd_abs_code(I16<S> c) { return I16<S>{c.v < 0 ? -c.v : c.v}; }
 // −a where c < 0: the sign bit of c flipped into a (one vpternlogd; the scalar form's c < 0 ? −a : a, NaNs included).
 template <int S>
-FD_ALWAYS_INLINE F16<S> fd_negate_if(I16<S> c, F16<S> a) { return F16<S>{(f32x16)((u32x16)a.v ^ ((u32x16)c.v & 0x80000000u))}; }
-// max over lanes of |x| as bits (state8::abs_bits), folded into a running lane-wise maximum.
-template <int S>
-FD_ALWAYS_INLINE u32x16 max_abs_bits(u32x16 acc, F16<S> x) {
-  const u32x16 b = (u32x16)x.v & 0x7fffffffu;
-  return b > acc ? b : acc;
+FD_ALWAYS_INLINE F16<S> fd_negate_if(I16<S> c, F16<S> a) {
+  const U16<S> ab = fd_bits(a);
+  return FD_PARTS(F16<S>, (typename Parts<S>::F)(ab.v[h] ^ ((typename Parts<S>::U)c.v[h] & 0x80000000u)));
 }
-FD_ALWAYS_INLINE uint32_t hmax(u32x16 x) {
+// Running lane-wise maximum of |x| as bits (state8::abs_bits), and its maximum over the lanes.
+template <int S>
+FD_ALWAYS_INLINE U16<S> max_abs_bits(U16<S> acc, F16<S> x) { return fd_max(acc, fd_bits(x) & 0x7fffffffu); }
+template <int S>
+FD_ALWAYS_INLINE uint32_t hmax(U16<S> x) {
+  typename Parts<S>::U m = x.v[0];
+  for (int h = 1; h < Parts<S>::kParts; ++h) m = x.v[h] > m ? x.v[h] : m;
   uint32_t r = 0;
-  for (int k = 0; k < kVecLanes; ++k) r = x[k] > r ? x[k] : r;
+  for (int k = 0; k < kPartLanes<S>; ++k) r = m[k] > r ? m[k] : r;
   return r;
 }
 // The scalar overloads stay visible next to the lane-wise ones declared in this namespace.
 using ::fusedecay::fd_abs;
 using ::fusedecay::fd_sqrt;
-typedef int16_t i16x16 __attribute__((vector_size(32)));
 // 16 codes to and from bytes (int8 codes sign-extended, uint8 zero-extended).
 template <int S, typename B>
 FD_ALWAYS_INLINE I16<S> load_codes(const B* p) {
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
   if constexpr (S == kSplitVectors) {
-    // Lane k is byte k%4 of word k/4, shifted to the top and back (vpshufd, vpsllvd, vpsrad/vpsrld per 8 lanes).
+    // Lane k is byte k%4 of word k/4, shifted to the top and back (vpshufd, vpsllvd, vpsrad/vpsrld per 8 lanes):
+    // a lane loop compiles to narrower pieces put together through the stack, which stalls store forwarding.
     uint32_t q[4];
     std::memcpy(q, p, sizeof q);
-    const u32x16 w = {q[0], q[0], q[0], q[0], q[1], q[1], q[1], q[1], q[2], q[2], q[2], q[2], q[3], q[3], q[3], q[3]};
-    const u32x16 top = w << u32x16{24, 16, 8, 0, 24, 16, 8, 0, 24, 16, 8, 0, 24, 16, 8, 0};
-    if constexpr (std::is_signed<B>::value) {
-      return I16<S>{(i32x16)top >> 24};
-    } else {
-      return I16<S>{(i32x16)(top >> 24)};
+    I16<S> r;
+    for (int h = 0; h < 2; ++h) {
+      const u32x8 w = {q[2 * h], q[2 * h], q[2 * h], q[2 * h], q[2 * h + 1], q[2 * h + 1], q[2 * h + 1], q[2 * h + 1]};
+      const u32x8 top = w << u32x8{24, 16, 8, 0, 24, 16, 8, 0};
+      if constexpr (std::is_signed<B>::value) {
+        r.v[h] = (i32x8)top >> 24;
+      } else {
+        r.v[h] = (i32x8)(top >> 24);
+      }
     }
+    return r;
   }
 #endif
   I16<S> w;
-  for (int k = 0; k < kVecLanes; ++k) w.v[k] = p[k];  // vpmovsxbd / vpmovzxbd
+  for (int k = 0; k < kVecLanes; ++k) w.v[k / kPartLanes<S>][k % kPartLanes<S>] = p[k];  // vpmovsxbd / vpmovzxbd
   return w;
 }
 template <int S, typename B>
@@ -307,9 +360,12 @@ FD_ALWAYS_INLINE void store_codes(B* p, I16<S> c) {  // c in B's range
   typedef B b16 __attribute__((vector_size(16)));
   b16 b;
   if constexpr (S == kSplitVectors) {
-    b = __builtin_convertvector(__builtin_convertvector(c.v, i16x16), b16);  // two packs and their lane fix-ups
+    i32x16 whole;  // the two halves side by side (two 32-byte stores and loads), then two packs and their fix-ups
+    std::memcpy(&whole, &c.v[0], sizeof c.v[0]);
+    std::memcpy(reinterpret_cast<char*>(&whole) + sizeof c.v[0], &c.v[1], sizeof c.v[1]);
+    b = __builtin_convertvector(__builtin_convertvector(whole, i16x16), b16);
   } else {
-    b = __builtin_convertvector(c.v, b16);  // vpmovdb
+    b = __builtin_convertvector(c.v[0], b16);  // vpmovdb
   }
   std::memcpy(p, &b, sizeof b);
 }
@@ -323,13 +379,13 @@ struct VecIo<float> {
   template <int S>
   static FD_ALWAYS_INLINE F16<S> load(const float* p) {
     F16<S> r;
-    std::memcpy(&r.v, p, sizeof r.v);
+    for (int h = 0; h < Parts<S>::kParts; ++h) std::memcpy(&r.v[h], p + h * kPartLanes<S>, sizeof r.v[h]);
     return r;
   }
   template <int S>
-  static FD_ALWAYS_INLINE f32x16 store(float* p, F16<S> x) {
-    std::memcpy(p, &x.v, sizeof x.v);
-    return x.v;
+  static FD_ALWAYS_INLINE F16<S> store(float* p, F16<S> x) {
+    for (int h = 0; h < Parts<S>::kParts; ++h) std::memcpy(p + h * kPartLanes<S>, &x.v[h], sizeof x.v[h]);
+    return x;
   }
 };
 template <>
@@ -338,21 +394,26 @@ struct VecIo<BF16> {
   static FD_ALWAYS_INLINE F16<S> load(const uint16_t* p) {
     // A lane loop rather than __builtin_convertvector: GCC 12 turns it into one zero-extending
     // load per register (vpmovzxwd) where the convertvector lowering splits it into halves.
-    u32x16 w;
-    for (int k = 0; k < kVecLanes; ++k) w[k] = static_cast<uint32_t>(p[k]) << 16;
-    return F16<S>{(f32x16)w};
+    U16<S> w;
+    for (int k = 0; k < kVecLanes; ++k) w.v[k / kPartLanes<S>][k % kPartLanes<S>] = static_cast<uint32_t>(p[k]) << 16;
+    return fd_from_bits(w);
   }
   // float_to_bf16_bits lane by lane: round to nearest even, NaN (|x| bits above 0x7f800000) → 0x7FC0.
   template <int S>
-  static FD_ALWAYS_INLINE f32x16 store(uint16_t* p, F16<S> x) {
-    const u32x16 u = (u32x16)x.v;
-    const u32x16 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    const u32x16 bits = (u32x16)select_bits(nan_mask<S>(u), i32x16{} + 0x7fc0, (i32x16)rounded);
-    const u16x16 h = __builtin_convertvector(bits, u16x16);
-    std::memcpy(p, &h, sizeof h);
-    return (f32x16)(bits << 16);
+  static FD_ALWAYS_INLINE F16<S> store(uint16_t* p, F16<S> x) {
+    const U16<S> u = fd_bits(x);
+    const U16<S> rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const U16<S> nan = FD_PARTS(U16<S>, typename Parts<S>::U{} + 0x7fc0u);
+    const U16<S> bits = FD_PARTS(U16<S>, (typename Parts<S>::U)fd_select(nan_mask(u), fd_u2i(nan), fd_u2i(rounded)).v[h]);
+    for (int h = 0; h < Parts<S>::kParts; ++h) {
+      typedef uint16_t h16 __attribute__((vector_size(2 * kPartLanes<S>)));
+      const h16 half = __builtin_convertvector(bits.v[h], h16);
+      std::memcpy(p + h * kPartLanes<S>, &half, sizeof half);
+    }
+    return fd_from_bits(bits << 16);
   }
 };
+#undef FD_PARTS
 #endif
 
 // Σ|θ| of n stored values: per-lane accumulators in T (a fixed, ISA-independent order), folded
@@ -481,7 +542,7 @@ struct Q8Codec {
     kw[k] = fd_sqrt(vv);  // the same √v the element function divided by
   }
   FD_ALWAYS_INLINE void end_group(int64_t i) {
-    u32x16 bm = {}, bw = {};
+    U16<S> bm{}, bw{};
     for (int k = 0; k < kGroup; ++k) {
       bm = max_abs_bits(bm, km[k]);
       bw = max_abs_bits(bw, kw[k]);
@@ -538,7 +599,8 @@ FD_ALWAYS_INLINE double update_chunk(const ChunkArgs& a, const StepScalars<T>& s
 #endif
     if constexpr (kVector) {
 #if defined(FD_CPU_SIMD)
-      f32x16 acc = {};
+      using V = F16<Codec::kForm>;
+      V acc{};
       for (; i + G * kVecLanes <= len; i += G * kVecLanes) {
         // Software prefetch only for blockwise codecs. With fp32/bf16 moments the loop is memory-bound and the
         // hardware prefetchers keep up: prefetches 512 elements ahead were measured (interleaved A/B against
@@ -556,19 +618,18 @@ FD_ALWAYS_INLINE double update_chunk(const ChunkArgs& a, const StepScalars<T>& s
         codec.begin_group(base + i);
         for (int k = 0; k < G; ++k) {
           const int64_t j = base + i + k * kVecLanes;
-          using V = F16<Codec::kForm>;
           V mm = codec.load_m(j);
           V vv = codec.load_v(j);
           const V th = adam_decay_element<D, float, V>(VecIo<P>::template load<Codec::kForm>(p + j),
                                                        VecIo<P>::template load<Codec::kForm>(g + j), mm, vv, sc);
-          const f32x16 stored = VecIo<P>::store(p + j, th);
+          const V stored = VecIo<P>::store(p + j, th);
           codec.keep(k, j, mm, vv);
-          if (Sum) acc += abs16(stored);
+          if (Sum) acc = acc + fd_abs(stored);
         }
         codec.end_group(base + i);
       }
       if (Sum) {
-        for (int k = 0; k < L; ++k) sum += acc[k];
+        for (int k = 0; k < L; ++k) sum += acc.v[k / kPartLanes<Codec::kForm>][k % kPartLanes<Codec::kForm>];
       }
 #endif
     } else {  // scalar path: the same lane order, in plain C++ the compiler may vectorise
