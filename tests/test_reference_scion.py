@@ -230,6 +230,29 @@ def test_scionc_state_dict_round_trip(momentum_dtype, backend):
         assert torch.equal(opt.state[p]["momentum_buffer"], opt2.state[q]["momentum_buffer"])
 
 
+@pytest.mark.parametrize("lmo,shape", [("spectral", (12, 8)), ("sign", (12, 8)), ("bias", (12,))])
+def test_fp32_momentum_for_bf16_params_is_kept_in_fp32_on_every_path(lmo, shape):
+    """momentum_dtype=float32 with bf16 params: every path updates the fp32 buffer in fp32 (as the reference does),
+    so one step from the same state gives the same buffer to the fp32 tolerance — a path that rounded it through
+    the param's bf16 would be 2^-9 off."""
+    g = torch.Generator().manual_seed(4)
+    theta, m0 = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    grad = torch.randn(shape, generator=g).to(torch.bfloat16)
+    bufs = {}
+    for backend in ("reference", "auto", "batched"):
+        p = torch.nn.Parameter(theta.to(torch.bfloat16))
+        opt = ScionC([dict(params=[p], lmo=lmo)], lr=0.02, momentum=0.3, momentum_dtype=torch.float32,
+                     backend=backend)
+        opt.state[p]["momentum_buffer"] = m0.clone()
+        p.grad = grad.clone()
+        opt.step()
+        bufs[backend] = opt.state[p]["momentum_buffer"]
+    want = (0.7 * m0.double() + 0.3 * grad.double())   # float64 closed form of the momentum update
+    for backend, b in bufs.items():
+        assert b.dtype == torch.float32, backend
+        assert_close(b, want, dtype=torch.float32, msg=backend)
+
+
 def test_scionc_checkpoint_from_before_momentum_dtype_and_matrix_view_loads_as_it_ran():
     """A saved group without the later options ran with fp32 buffers and "auto" matrices: loading it into an
     optimizer built with other values keeps the saved buffers and takes what the run used, without an error."""

@@ -124,8 +124,6 @@ typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
-typedef uint16_t u16x8 __attribute__((vector_size(16)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef int16_t i16x16 __attribute__((vector_size(32)));
 constexpr int kVecLanes = 16;
 static_assert(kVecLanes == kLanes<float>, "the vector accumulators must match abs_sum_block's lanes");

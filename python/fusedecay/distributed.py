@@ -22,7 +22,7 @@ communication. The only collectives are the ones the math needs:
   shard to its matrix's owner, the owner runs the (batched) LMO on whole matrices, a second
   ``all_to_all_single`` returns each rank its slice. Shards travel in ``ns_dtype`` when that is
   narrower than the LMO input (NS casts to it first anyway, so this is exact); results travel in the
-  input's dtype (the param's: a bf16 ``momentum_dtype`` buffer is widened before the LMO). Replicated matrices (plain tensors under DDP after :func:`split_lmo_work`, or
+  input's dtype (the wider of the param's and the momentum buffer's). Replicated matrices (plain tensors under DDP after :func:`split_lmo_work`, or
   all-``Replicate`` DTensors on a 1-D mesh) are dealt the same way, and one ``all_gather`` shares the
   results. N-D weights follow their ``matrix_view``: an expert stack (E, d_out, d_in) sharded over E
   (FSDP2's default ``Shard(0)``) holds whole matrices on each rank, so each rank orthogonalises its own

@@ -242,13 +242,14 @@ def scionc(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Ten
             return
         lmo_fn = (b.op("scion_directions") if b is not None else None) or scion_directions_reference
     g = [x.neg() if maximize else x for x in grads]
-    # m_t = (1 − α) m_{t−1} + α g_t, in the param's dtype: a buffer kept narrower (ScionC's momentum_dtype) is
-    # widened, updated, stored rounded, and the LMO sees the unrounded m_t (as in reference.scionc_step).
-    m = [b if b.dtype == p.dtype else b.to(p.dtype) for b, p in zip(momentum_buffers, params)]
+    # m_t = (1 − α) m_{t−1} + α g_t, in the wider of the param's and the buffer's dtype: a buffer kept narrower than
+    # its param (ScionC's momentum_dtype) is widened, updated and stored rounded, and the LMO sees the unrounded m_t
+    # (as in reference.scionc_step); a wider one (fp32 momentum for bf16 params) is updated in place.
+    m = [b.to(torch.promote_types(b.dtype, p.dtype)) for b, p in zip(momentum_buffers, params)]
     torch._foreach_lerp_(m, [x.to(t.dtype) for x, t in zip(g, m)], momentum)
-    narrow = [(b, t) for b, t in zip(momentum_buffers, m) if b is not t]
-    if narrow:
-        torch._foreach_copy_([b for b, _ in narrow], [t for _, t in narrow])
+    widened = [(b, t) for b, t in zip(momentum_buffers, m) if b is not t]
+    if widened:
+        torch._foreach_copy_([b for b, _ in widened], [t for _, t in widened])
     inputs = m
     if nesterov:
         inputs = torch._foreach_lerp(m, [x.to(t.dtype) for x, t in zip(g, m)], momentum)
