@@ -89,15 +89,23 @@ FD_HD bool fd_less_nonneg(float x, float c, int32_t) { return x < c; }
 // the rule in docs/state8.md, with fewer operations: the exponent rebase is folded into the rounding add (NaN
 // and ±inf still land above kMaxCode, whatever their sign bit) and the subnormal rounding is one float add
 // (kSubMagic) instead of a multiply and a round-to-integer.
+// f8_encode_unclamped is F8 before the clamp: the same code for x ≤ 1 (and the values just above 1 that round to it),
+// a larger one (below 2^12, never negative) for NaN and larger x — so an unsigned saturating narrowing to kMaxCode
+// (the AVX-512 form's vpmovusdb for E = 5) is the clamp.
 template <int E, typename V>
-FD_HD auto f8_encode(V x) {
+FD_HD auto f8_encode_unclamped(V x) {
   using F = F8Format<E>;
   const auto u = fd_bits(x);
   const auto normal = fd_u2i((u + F::kNormalAdd + ((u >> F::kShift) & 1u)) >> F::kShift);
   const auto subnormal = fd_u2i(fd_bits(x + F::kSubMagic)) - F::kSubMagicBits;
   // x < kMinNormal: true for −0 (whose x + kSubMagic = kSubMagic gives code 0), false for NaN.
   const auto tiny = fd_less_nonneg(x, F::kMinNormal, F::kMinNormalBits);
-  return fd_min(fd_select(tiny, subnormal, normal), F::kMaxCode);
+  return fd_select(tiny, subnormal, normal);
+}
+
+template <int E, typename V>
+FD_HD auto f8_encode(V x) {
+  return fd_min(f8_encode_unclamped<E>(x), F8Format<E>::kMaxCode);
 }
 
 // V(c) for 0 ≤ c ≤ kMaxCode: the exact value of the code.
@@ -125,6 +133,11 @@ FD_HD auto decode_exp_avg(I c, float s) {
 template <typename V>
 FD_HD auto encode_exp_avg_sq(V w, float r) {
   return f8_encode<kExpBitsV>(w * r);
+}
+template <typename V>
+FD_HD auto encode_exp_avg_sq_unclamped(V w, float r) {  // to be narrowed with unsigned saturation at 255
+  static_assert(F8Format<kExpBitsV>::kMaxCode == 255, "the saturation is the clamp");
+  return f8_encode_unclamped<kExpBitsV>(w * r);
 }
 
 template <typename I>

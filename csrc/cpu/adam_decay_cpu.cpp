@@ -31,14 +31,24 @@
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
     !defined(FUSEDECAY_NO_CLONES)
-#if defined(FUSEDECAY_NO_AVX512)  // the build a CPU without AVX-512 runs, for measuring it on one that has it
+// The split-vector form is cloned for AVX2 and the baseline; the AVX-512 form is compiled once more, as its own
+// functions for x86-64-v4 (FD_ZMM_TARGET), so that it can use AVX-512 instructions GCC does not derive from generic
+// vector code (vrangeps, masked operations, saturating narrowing).
 #define FD_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#if defined(FUSEDECAY_NO_AVX512)  // the build a CPU without AVX-512 runs, for measuring it on one that has it
+#define FD_CPU_ALL_CLONES FD_CPU_CLONES
 #else
-#define FD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#define FD_CPU_ALL_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #define FD_CPU_ZMM_CLONE 1
+#define FD_ZMM_TARGET __attribute__((target("arch=x86-64-v4")))
 #endif
 #else
 #define FD_CPU_CLONES
+#define FD_CPU_ALL_CLONES
+#endif
+
+#if defined(FD_CPU_ZMM_CLONE)
+#include <immintrin.h>
 #endif
 
 #if defined(__GNUC__)
@@ -62,14 +72,15 @@ namespace {
 // go through the stack in pieces (a stalled store forward); int32 lanes narrowed to bytes are assembled byte by
 // byte. 8-bit state ran 12× slower there than with AVX-512, fp32 moments ~1.4×. kSplitVectors holds two 32-byte
 // halves, makes masks from the sign of a difference (an arithmetic shift), selects with bit operations, widens
-// bytes from 4-byte words by variable shifts and narrows in two packing steps. kZmmVectors (the AVX-512 clones)
+// bytes from 4-byte words by variable shifts and narrows in two packing steps. kZmmVectors (the AVX-512 functions)
 // holds one 64-byte vector and keeps compares into mask registers, blends and one-instruction widening and
-// narrowing. Both give the same lanes, bit for bit.
+// narrowing, plus a few AVX-512 instructions written as intrinsics (marked "AVX-512 form"). Both give the same lanes,
+// bit for bit.
 enum VectorForm : int { kSplitVectors = 0, kZmmVectors = 1 };
 
-// Whether the clones that run here are the AVX-512 ones (the test target_clones' resolver makes); read once. Without
-// clones or without the AVX-512 clone: split. FUSEDECAY_CPU_VECTORS=split makes the AVX-512 clones use the split
-// form too, so that its code is tested on a CPU that would not run it.
+// Whether the AVX-512 form runs here (the CPU has x86-64-v4's AVX-512 subsets); read once. Without clones or in a
+// build without the AVX-512 form: the split form. FUSEDECAY_CPU_VECTORS=split runs the split form's clones on an
+// AVX-512 CPU (its AVX2 clone: what a CPU without AVX-512 runs), so that they are tested there.
 FD_ALWAYS_INLINE bool zmm_clones() {
 #if defined(FD_CPU_ZMM_CLONE)
   static const bool v = [] {
@@ -232,10 +243,13 @@ template <int S>
 FD_ALWAYS_INLINE U16<S> operator>>(U16<S> a, int b) { return FD_PARTS(U16<S>, a.v[h] >> b); }
 template <int S>
 FD_ALWAYS_INLINE U16<S> operator<<(U16<S> a, int b) { return FD_PARTS(U16<S>, a.v[h] << b); }
-// Lane-wise minimum and maximum (vpminsd/vpminud/vpmaxud: GCC recognises the compare-and-select as one).
+// Lane-wise minimum and maximum (vpminsd/vpminud/vpmaxud: GCC recognises the compare-and-select as one). The
+// constant is compared on the left: GCC 12 rewrites `a < 255 ? a : 255` as `a <= 254 ? a : 255`, which it no longer
+// sees as a minimum (a compare and a blend).
 template <int S>
 FD_ALWAYS_INLINE I16<S> fd_min(I16<S> a, int32_t b) {
-  return FD_PARTS(I16<S>, a.v[h] < b ? a.v[h] : (typename Parts<S>::I{} + b));
+  const typename Parts<S>::I bv = typename Parts<S>::I{} + b;
+  return FD_PARTS(I16<S>, bv < a.v[h] ? bv : a.v[h]);
 }
 template <int S>
 FD_ALWAYS_INLINE U16<S> fd_min(U16<S> a, U16<S> b) { return FD_PARTS(U16<S>, a.v[h] < b.v[h] ? a.v[h] : b.v[h]); }
@@ -248,8 +262,20 @@ FD_ALWAYS_INLINE I16<S> fd_abs_code(I16<S> c) { return FD_PARTS(I16<S>, c.v[h] <
 // the scalar fd_clip for every non-NaN x (and d NaN or +inf leave x as it is, as there); for a NaN x it gives ±d
 // where fd_clip keeps the NaN, which the callers subtract from an expression already holding that NaN, so θ_t is the
 // same NaN.
+#if defined(FD_CPU_ZMM_CLONE)
+FD_ZMM_TARGET inline f32x16 clip_zmm(f32x16 x, float d) {
+  return (f32x16)_mm512_range_ps((__m512)x, _mm512_set1_ps(d), 0x02);
+}
+#endif
 template <int S>
 FD_ALWAYS_INLINE F16<S> fd_clip(F16<S> x, float d) {
+#if defined(FD_CPU_ZMM_CLONE)
+  if constexpr (S == kZmmVectors) {
+    // AVX-512 form: vrangeps 0b0010, the smaller magnitude of x and d with x's sign, in one instruction. Like the
+    // integer minimum below, it returns the other operand where one is a (quiet) NaN: x for a NaN d, ±d for a NaN x.
+    return F16<S>{{clip_zmm(x.v[0], d)}};
+  }
+#endif
   const U16<S> xb = fd_bits(x);
   const U16<S> db = FD_PARTS(U16<S>, typename Parts<S>::U{} + (float_to_bits(d) & 0x7fffffffu));  // −0.0 clips to ±0
   return fd_from_bits(fd_min(xb & 0x7fffffffu, db) | (xb & 0x80000000u));
@@ -370,6 +396,26 @@ FD_ALWAYS_INLINE void store_codes(B* p, I16<S> c) {  // c in B's range
   }
   std::memcpy(p, &b, sizeof b);
 }
+
+#if defined(FD_CPU_ZMM_CLONE)
+// AVX-512 form of state8::f8_decode (0 ≤ c ≤ kMaxCode), the same values: a normal code is the bit pattern
+// (c + rebase) << 20; a subnormal one (c = f < 8) is decoded as the normal code 8 + f, 2^(1−bias)·(1 + f/8), less
+// 2^(1−bias) — exactly f·2^(1−bias−3) (Sterbenz) — by two masked operations (state8.h's int→float conversion,
+// multiplication and select take one more).
+template <int E>
+FD_ZMM_TARGET inline f32x16 f8_decode_zmm(i32x16 c) {
+  using F = state8::F8Format<E>;
+  const __mmask16 sub = _mm512_cmplt_epi32_mask((__m512i)c, _mm512_set1_epi32(1 << state8::kMantissaBits));
+  __m512i b = _mm512_slli_epi32(_mm512_add_epi32((__m512i)c, _mm512_set1_epi32(F::kExpOffset)), F::kShift);
+  b = _mm512_mask_add_epi32(b, sub, b, _mm512_set1_epi32(1 << 23));  // exponent field 0 → 1
+  const __m512 x = _mm512_castsi512_ps(b);
+  return (f32x16)_mm512_mask_sub_ps(x, sub, x, _mm512_set1_ps(F::kMinNormal));
+}
+// 16 codes in 0…2^31 to bytes with unsigned saturation at 255 (vpmovusdb).
+FD_ZMM_TARGET inline void store_codes_saturated(uint8_t* p, I16<kZmmVectors> c) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtusepi32_epi8((__m512i)c.v[0]));
+}
+#endif
 
 // Vector load / store of 16 elements of storage type T; store returns the stored value widened
 // back to float (what Σ|θ_t| sums).
@@ -533,9 +579,21 @@ struct Q8Codec {
 #if defined(FD_CPU_SIMD)
   F16<S> km[kGroup], kw[kGroup];  // vector path: the block's updated m and √v
   FD_ALWAYS_INLINE F16<S> load_m(int64_t i) const {
+#if defined(FD_CPU_ZMM_CLONE)
+    if constexpr (S == kZmmVectors) {  // state8::decode_exp_avg with the AVX-512 form's f8_decode
+      const I16<S> c = load_codes<S>(m + i);
+      return fd_negate_if(c, F16<S>{{f8_decode_zmm<state8::kExpBitsM>(fd_abs_code(c).v[0])}} * sm);
+    }
+#endif
     return state8::decode_exp_avg<I16<S>>(load_codes<S>(m + i), sm);
   }
   FD_ALWAYS_INLINE F16<S> load_v(int64_t i) const {
+#if defined(FD_CPU_ZMM_CLONE)
+    if constexpr (S == kZmmVectors) {  // state8::decode_exp_avg_sq with the AVX-512 form's f8_decode
+      const F16<S> w = F16<S>{{f8_decode_zmm<state8::kExpBitsV>(load_codes<S>(v + i).v[0])}} * sv;
+      return w * w;
+    }
+#endif
     return state8::decode_exp_avg_sq<I16<S>>(load_codes<S>(v + i), sv);
   }
   FD_ALWAYS_INLINE void keep(int k, int64_t, F16<S> mm, F16<S> vv) {
@@ -552,6 +610,12 @@ struct Q8Codec {
     finish_scales(i, hmax(bm), hmax(bw), rm, rw);
     for (int k = 0; k < kGroup; ++k) {
       store_codes(m + i + k * kVecLanes, state8::encode_exp_avg<F16<S>>(km[k], rm));
+#if defined(FD_CPU_ZMM_CLONE)
+      if constexpr (S == kZmmVectors) {  // the clamp to 255 is the narrowing's saturation
+        store_codes_saturated(v + i + k * kVecLanes, state8::encode_exp_avg_sq_unclamped<F16<S>>(kw[k], rw));
+        continue;
+      }
+#endif
       store_codes(v + i + k * kVecLanes, state8::encode_exp_avg_sq<F16<S>>(kw[k], rw));
     }
   }
@@ -682,17 +746,26 @@ using CodecBF16 = ElementwiseCodec<BF16, float, S>;
 template <int S>
 using CodecF64 = ElementwiseCodec<double, double, S>;
 
-// Non-template entry points (target_clones needs plain functions); one per (P, codec, decay). Each clone holds both
-// mask styles of the codec C and runs the one zmm_clones() picks (the other is never run in that clone).
-#define FD_DEFINE_UPDATE(NAME, P, C, T, D)                                                                   \
-  FD_CPU_CLONES FD_FLATTEN double NAME(const ChunkArgs& a, const StepScalars<T>& s) {                        \
-    return zmm_clones() ? update_chunk<P, C<kZmmVectors>, T, D, true>(a, s)                           \
-                           : update_chunk<P, C<kSplitVectors>, T, D, true>(a, s);                             \
-  }                                                                                                          \
-  FD_CPU_CLONES FD_FLATTEN double NAME##_nosum(const ChunkArgs& a, const StepScalars<T>& s) {                \
-    return zmm_clones() ? update_chunk<P, C<kZmmVectors>, T, D, false>(a, s)                          \
-                           : update_chunk<P, C<kSplitVectors>, T, D, false>(a, s);                            \
+// Non-template entry points (target_clones needs plain functions); one per (P, codec, decay, Σ|θ| or not): the split
+// form's clones (NAME##_split) and, where built, the AVX-512 form (NAME##_zmm); NAME runs the one zmm_clones() picks.
+#if defined(FD_CPU_ZMM_CLONE)
+#define FD_DEFINE_UPDATE_1(NAME, P, C, T, D, SUM)                                                           \
+  FD_ZMM_TARGET FD_FLATTEN double NAME##_zmm(const ChunkArgs& a, const StepScalars<T>& s) {                  \
+    return update_chunk<P, C<kZmmVectors>, T, D, SUM>(a, s);                                                \
+  }                                                                                                         \
+  FD_CPU_CLONES FD_FLATTEN double NAME##_split(const ChunkArgs& a, const StepScalars<T>& s) {               \
+    return update_chunk<P, C<kSplitVectors>, T, D, SUM>(a, s);                                              \
+  }                                                                                                         \
+  double NAME(const ChunkArgs& a, const StepScalars<T>& s) { return zmm_clones() ? NAME##_zmm(a, s) : NAME##_split(a, s); }
+#else
+#define FD_DEFINE_UPDATE_1(NAME, P, C, T, D, SUM)                                                           \
+  FD_CPU_CLONES FD_FLATTEN double NAME(const ChunkArgs& a, const StepScalars<T>& s) {                       \
+    return update_chunk<P, C<kSplitVectors>, T, D, SUM>(a, s);                                              \
   }
+#endif
+#define FD_DEFINE_UPDATE(NAME, P, C, T, D)      \
+  FD_DEFINE_UPDATE_1(NAME, P, C, T, D, true)     \
+  FD_DEFINE_UPDATE_1(NAME##_nosum, P, C, T, D, false)
 #define FD_DEFINE_UPDATE_3(NAME, P, C, T)          \
   FD_DEFINE_UPDATE(NAME##_l2, P, C, T, kDecayL2)     \
   FD_DEFINE_UPDATE(NAME##_prox, P, C, T, kDecayProx) \
@@ -706,9 +779,9 @@ FD_DEFINE_UPDATE_3(upd_bf16_bf16, BF16, CodecBF16, float)
 FD_DEFINE_UPDATE_3(upd_bf16_q8, BF16, Q8Codec, float)
 FD_DEFINE_UPDATE_3(upd_f64_f64, double, CodecF64, double)
 
-FD_CPU_CLONES double abs_f32(const void* p, int64_t n) { return abs_sum_chunk<float, float>(p, n); }
-FD_CPU_CLONES double abs_bf16(const void* p, int64_t n) { return abs_sum_chunk<BF16, float>(p, n); }
-FD_CPU_CLONES double abs_f64(const void* p, int64_t n) { return abs_sum_chunk<double, double>(p, n); }
+FD_CPU_ALL_CLONES double abs_f32(const void* p, int64_t n) { return abs_sum_chunk<float, float>(p, n); }
+FD_CPU_ALL_CLONES double abs_bf16(const void* p, int64_t n) { return abs_sum_chunk<BF16, float>(p, n); }
+FD_CPU_ALL_CLONES double abs_f64(const void* p, int64_t n) { return abs_sum_chunk<double, double>(p, n); }
 
 template <typename T>
 struct Kernels;
