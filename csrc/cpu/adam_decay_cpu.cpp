@@ -411,6 +411,11 @@ FD_ZMM_TARGET inline f32x16 f8_decode_zmm(i32x16 c) {
   const __m512 x = _mm512_castsi512_ps(b);
   return (f32x16)_mm512_mask_sub_ps(x, sub, x, _mm512_set1_ps(F::kMinNormal));
 }
+// f8_decode_zmm of |c| (vpabsd).
+template <int E>
+FD_ZMM_TARGET inline f32x16 f8_decode_abs_zmm(i32x16 c) {
+  return f8_decode_zmm<E>((i32x16)_mm512_abs_epi32((__m512i)c));
+}
 // 16 codes in 0…2^31 to bytes with unsigned saturation at 255 (vpmovusdb).
 FD_ZMM_TARGET inline void store_codes_saturated(uint8_t* p, I16<kZmmVectors> c) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtusepi32_epi8((__m512i)c.v[0]));
@@ -582,7 +587,7 @@ struct Q8Codec {
 #if defined(FD_CPU_ZMM_CLONE)
     if constexpr (S == kZmmVectors) {  // state8::decode_exp_avg with the AVX-512 form's f8_decode
       const I16<S> c = load_codes<S>(m + i);
-      return fd_negate_if(c, F16<S>{{f8_decode_zmm<state8::kExpBitsM>(fd_abs_code(c).v[0])}} * sm);
+      return fd_negate_if(c, F16<S>{{f8_decode_abs_zmm<state8::kExpBitsM>(c.v[0])}} * sm);
     }
 #endif
     return state8::decode_exp_avg<I16<S>>(load_codes<S>(m + i), sm);
