@@ -205,7 +205,7 @@ def main() -> None:
 
     os.makedirs(a.out_dir, exist_ok=True)
     # Date and time in the name: repeated runs (the spread between runs is part of the result) are all kept.
-    when = info["date"][:16].replace(":", "")
+    when = info["date"][:19].replace(":", "")  # to the second: runs of the CPU set take ~15 s
     stem = os.path.join(a.out_dir, f"paired-{slug(info['device_name'])}-{when}")
     with open(stem + ".json", "w") as f:
         json.dump({"fusedecay_run": info, "loadavg_1min_end": os.getloadavg()[0], "rows": rows}, f, indent=1)
