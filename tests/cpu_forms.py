@@ -1,8 +1,9 @@
 """Runs the compiled CPU kernel on inputs that reach every masked lane operation and returns every output.
 
 The kernel writes its 16-lane vector code in two forms (csrc/cpu/adam_decay_cpu.cpp, ``VectorForm``): one for
-AVX-512 clones and one for split registers (AVX2, the baseline, other architectures), which must give the same
-bits. ``FUSEDECAY_CPU_VECTORS=split`` makes an AVX-512 CPU run the split form, so tests/test_state8.py runs this
+AVX-512 (its own x86-64-v4 functions, with a few AVX-512 intrinsics) and one for split registers (the AVX2 and
+baseline clones, other architectures), which must give the same bits. ``FUSEDECAY_CPU_VECTORS=split`` makes an
+AVX-512 CPU run the split form (its AVX2 clone), so tests/test_state8.py runs this
 module twice — in its own process and in a subprocess with that variable — and compares the bits.
 
     python tests/cpu_forms.py OUT.pt      # the subprocess side

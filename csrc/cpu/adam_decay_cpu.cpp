@@ -10,8 +10,8 @@
 // partial sum is computed by exactly one thread in a fixed order, so results do not depend on the
 // number of threads. The element loop is plain C++ over fixed-width lane blocks that GCC/Clang
 // vectorise at -O3 (-fno-math-errno lets sqrt vectorise); on GCC/x86-64 the loop is additionally
-// cloned for AVX2 and AVX-512 and picked at load time (target_clones), since -march is not assumed.
-// -ffp-contract=off keeps every clone's rounding identical.
+// cloned for AVX2 (target_clones) and compiled for AVX-512 (x86-64-v4) as separate functions, one of which is picked
+// at load time, since -march is not assumed. -ffp-contract=off keeps every variant's rounding identical.
 #include "adam_decay_cpu.h"
 
 #include "../state8.h"
