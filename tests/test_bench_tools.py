@@ -1,6 +1,7 @@
 """The benchmark tooling that a GPU session runs unattended (bench/gpu_suite.sh): checked here on the CPU so that a
 scripting error cannot waste a GPU slot. Nothing here times anything or asserts a speed."""
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -79,6 +80,25 @@ def test_to_results_reports_device_time_and_judges_gpu_targets_on_it(tmp_path):
 
 
 def test_shell_scripts_parse():
-    for script in ("bench/gpu_suite.sh", "bench/cpu_suite.sh", ".ci/device_versions.sh", ".ci/new_user.sh", ".ci/run"):
+    for script in ("bench/gpu_suite.sh", "bench/cpu_suite.sh", "bench/kernel_direct.sh", ".ci/device_versions.sh",
+                   ".ci/new_user.sh", ".ci/run"):
         res = subprocess.run(["bash", "-n", os.path.join(REPO, script)], capture_output=True, text=True)
         assert res.returncode == 0, (script, res.stderr)
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler")
+def test_kernel_direct_builds_and_prints_a_row_per_case(tmp_path):
+    """bench/kernel_direct.sh compiles the CPU kernel with the extension's flags and prints one positive
+    ns/element figure for each of fp32/8-bit moments × prox/l2; an element count that is not a multiple of 128
+    is refused."""
+    env = dict(os.environ, KERNEL_DIRECT_BIN=str(tmp_path / "kd"))
+    out = subprocess.run(["bash", os.path.join(BENCH, "kernel_direct.sh"), "1024", "1", "2"], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines()
+            if line.startswith("| 1024 ")]
+    assert sorted((r[2], r[3]) for r in rows) == [("8-bit", "l2"), ("8-bit", "prox + sums"), ("fp32", "l2"),
+                                                   ("fp32", "prox + sums")]
+    assert all(float(r[4]) > 0 for r in rows)
+    bad = subprocess.run([str(tmp_path / "kd"), "1000"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "multiple of 128" in bad.stderr
