@@ -198,16 +198,18 @@ FD_HD T delta_mu_next(T mu, T abs_sum, T n, const Hyper<T>& h) {
   return mu * h.mu_beta + (abs_sum / n) * h.mu_one_minus_beta;
 }
 
-// One element: updates m and v in place and returns θ_t (math type). D is a DecayKind.
-// V is the value type: T itself (CUDA, scalar CPU tails) or a CPU SIMD type holding several lanes
-// of T (csrc/cpu/adam_decay_cpu.cpp) that provides +, −, ·, / (also with a T operand), fd_sqrt and
-// fd_clip lane by lane with the same IEEE rounding, so every lane is bit-identical to the scalar path.
-template <int D, typename T, typename V = T>
-FD_HD V adam_decay_element(V theta, V g, V& m, V& v, const StepScalars<T>& s) {
+// The moment half of one element: scales g, updates m and v in place.
+template <typename T, typename V = T>
+FD_HD void adam_moments(V g, V& m, V& v, const StepScalars<T>& s) {
   g = g * s.grad_mul;
   m = s.beta1 * m + s.one_minus_beta1 * g;
   v = s.beta2 * v + s.one_minus_beta2 * (g * g);
-  const V denom = fd_sqrt(v) * s.inv_sqrt_bc2 + s.eps;
+}
+
+// The parameter half: θ_t from θ_{t−1}, the updated m and w = sqrt(v) (the updated v's square root).
+template <int D, typename T, typename V = T>
+FD_HD V adam_param(V theta, V m, V w, const StepScalars<T>& s) {
+  const V denom = w * s.inv_sqrt_bc2 + s.eps;
   const V step = s.lr * ((m * s.inv_bc1) / denom);  // γ_t u_t
   if (D == kDecayL2) {
     return theta * s.one_minus_tau - step;
@@ -221,6 +223,17 @@ FD_HD V adam_decay_element(V theta, V g, V& m, V& v, const StepScalars<T>& s) {
   } else {
     return theta - step - s.tau * fd_clip(theta, s.delta);
   }
+}
+
+// One element: updates m and v in place and returns θ_t (math type). D is a DecayKind.
+// V is the value type: T itself (CUDA, scalar CPU tails) or a CPU SIMD type holding several lanes
+// of T (csrc/cpu/adam_decay_cpu.cpp) that provides +, −, ·, / (also with a T operand), fd_sqrt and
+// fd_clip lane by lane with the same IEEE rounding, so every lane is bit-identical to the scalar path.
+// The two halves can also be called apart (the CPU's 8-bit loop does, see update_chunk): same operations.
+template <int D, typename T, typename V = T>
+FD_HD V adam_decay_element(V theta, V g, V& m, V& v, const StepScalars<T>& s) {
+  adam_moments<T, V>(g, m, v, s);
+  return adam_param<D, T, V>(theta, m, fd_sqrt(v), s);
 }
 
 }  // namespace fusedecay

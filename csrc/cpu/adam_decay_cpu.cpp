@@ -522,14 +522,14 @@ struct ElementwiseCodec {
     VecIo<M>::store(m + i, mm);
     VecIo<M>::store(v + i, vv);
   }
-  FD_ALWAYS_INLINE void end_group(int64_t) {}
 #endif
 };
 
 // 8-bit blockwise moments (csrc/state8.h): a group is one block of state8::kBlock elements. begin_group
-// reads the block's old scales; loads decode; keep() holds the updated m and √v; end_group takes the
-// block maxima, writes the new scales and encodes the codes. Chunks start on block boundaries and 8-bit
-// tensors have a multiple of kBlock elements (the glue checks both), so there is never a partial group.
+// reads the block's old scales; loads decode; keep() holds the updated m and √v; end_group1 (on the vector path
+// finish_group, then encode per vector) takes the block maxima, writes the new scales and encodes the codes. Chunks
+// start on block boundaries and 8-bit tensors have a multiple of kBlock elements (the glue checks both), so there is
+// never a partial group.
 template <int S>
 struct Q8Codec {
   static constexpr int kForm = S;
@@ -605,24 +605,25 @@ struct Q8Codec {
     km[k] = mm;
     kw[k] = fd_sqrt(vv);  // the same √v the element function divided by
   }
-  FD_ALWAYS_INLINE void end_group(int64_t i) {
+  // The block's new scales from the kept m and √v; encode(k) then writes the codes of its vector k.
+  float rm = 0.0f, rw = 0.0f;
+  FD_ALWAYS_INLINE void finish_group(int64_t i) {
     U16<S> bm{}, bw{};
     for (int k = 0; k < kGroup; ++k) {
       bm = max_abs_bits(bm, km[k]);
       bw = max_abs_bits(bw, kw[k]);
     }
-    float rm, rw;
     finish_scales(i, hmax(bm), hmax(bw), rm, rw);
-    for (int k = 0; k < kGroup; ++k) {
-      store_codes(m + i + k * kVecLanes, state8::encode_exp_avg<F16<S>>(km[k], rm));
+  }
+  FD_ALWAYS_INLINE void encode(int k, int64_t i) {
+    store_codes(m + i + k * kVecLanes, state8::encode_exp_avg<F16<S>>(km[k], rm));
 #if defined(FD_CPU_ZMM_CLONE)
-      if constexpr (S == kZmmVectors) {  // the clamp to 255 is the narrowing's saturation
-        store_codes_saturated(v + i + k * kVecLanes, state8::encode_exp_avg_sq_unclamped<F16<S>>(kw[k], rw));
-        continue;
-      }
-#endif
-      store_codes(v + i + k * kVecLanes, state8::encode_exp_avg_sq<F16<S>>(kw[k], rw));
+    if constexpr (S == kZmmVectors) {  // the clamp to 255 is the narrowing's saturation
+      store_codes_saturated(v + i + k * kVecLanes, state8::encode_exp_avg_sq_unclamped<F16<S>>(kw[k], rw));
+      return;
     }
+#endif
+    store_codes(v + i + k * kVecLanes, state8::encode_exp_avg_sq<F16<S>>(kw[k], rw));
   }
 #endif
 };
@@ -686,17 +687,37 @@ FD_ALWAYS_INLINE double update_chunk(const ChunkArgs& a, const StepScalars<T>& s
           codec.prefetch(ahead);
         }
         codec.begin_group(base + i);
-        for (int k = 0; k < G; ++k) {
-          const int64_t j = base + i + k * kVecLanes;
+        if constexpr (G == 1) {
+          const int64_t j = base + i;
           V mm = codec.load_m(j);
           V vv = codec.load_v(j);
           const V th = adam_decay_element<D, float, V>(VecIo<P>::template load<Codec::kForm>(p + j),
                                                        VecIo<P>::template load<Codec::kForm>(g + j), mm, vv, sc);
           const V stored = VecIo<P>::store(p + j, th);
-          codec.keep(k, j, mm, vv);
+          codec.keep(0, j, mm, vv);
           if (Sum) acc = acc + fd_abs(stored);
+        } else {
+          // Blockwise codec, in two passes over the block's vectors (the arithmetic of adam_decay_element, split
+          // in its two halves): (1) decode, moments, √v; (2) once the block's scales are known, the parameter
+          // update (the division) beside each vector's encoding. The divider's work is then spread over both
+          // passes, each with integer work to overlap, instead of the encoder's pass leaving the divider idle.
+          for (int k = 0; k < G; ++k) {
+            const int64_t j = base + i + k * kVecLanes;
+            V mm = codec.load_m(j);
+            V vv = codec.load_v(j);
+            adam_moments<float, V>(VecIo<P>::template load<Codec::kForm>(g + j), mm, vv, sc);
+            codec.keep(k, j, mm, vv);
+          }
+          codec.finish_group(base + i);
+          for (int k = 0; k < G; ++k) {
+            const int64_t j = base + i + k * kVecLanes;
+            const V th = adam_param<D, float, V>(VecIo<P>::template load<Codec::kForm>(p + j), codec.km[k],
+                                                 codec.kw[k], sc);
+            const V stored = VecIo<P>::store(p + j, th);
+            codec.encode(k, base + i);
+            if (Sum) acc = acc + fd_abs(stored);
+          }
         }
-        codec.end_group(base + i);
       }
       if (Sum) {
         for (int k = 0; k < L; ++k) sum += acc.v[k / kPartLanes<Codec::kForm>][k % kPartLanes<Codec::kForm>];
