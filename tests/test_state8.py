@@ -635,3 +635,41 @@ def test_both_vector_forms_of_the_cpu_kernel_give_the_same_bits(tmp_path):
     differ = [k for k in here if not torch.equal(cpu_forms.as_bits(here[k]), cpu_forms.as_bits(split[k]))]
     assert not differ, differ[:10]
     assert any(torch.isnan(t).any() for t in here.values() if t.is_floating_point())   # the special values got in
+
+
+@needs_cpp
+def test_software_prefetch_distance_changes_no_bit_and_a_bad_value_raises(tmp_path):
+    """The CPU kernel's software prefetch with element-wise moments is on by default on Intel CPUs only, and
+    FUSEDECAY_CPU_PREFETCH sets its distance (docs/kernels.md): every distance gives the same bits (the run of
+    tests/cpu_forms.py: 8-bit, fp32 and bf16 moments), and a value that is not an element count from 0 to 65536
+    raises ValueError, naming the variable, before anything is written."""
+    import subprocess
+    import sys
+    import cpu_forms
+    here = cpu_forms.run()
+    for distance in ("64",):   # this process runs the default: 512 on Intel, 0 elsewhere
+        path = tmp_path / f"prefetch{distance}.pt"
+        env = dict(os.environ, FUSEDECAY_CPU_PREFETCH=distance)
+        subprocess.run([sys.executable, cpu_forms.__file__, str(path)], check=True, env=env, timeout=300)
+        other = torch.load(path)
+        assert sorted(other) == sorted(here)
+        differ = [k for k in here if not torch.equal(cpu_forms.as_bits(here[k]), cpu_forms.as_bits(other[k]))]
+        assert not differ, (distance, differ[:10])
+    probe = (
+        "import sys, torch; sys.path.insert(0, sys.argv[1])\n"
+        "from fusedecay import _cpp_backend as cpp\n"
+        "p, g, m, v = torch.ones(64), torch.ones(64), torch.zeros(64), torch.zeros(64)\n"
+        "try:\n"
+        "    cpp.adam_decay([p], [g], [m], [v], [torch.tensor(1.0)], None, None, lr=0.1, beta1=0.9, beta2=0.999,\n"
+        "                   eps=1e-8, weight_decay=0.0, decay='l2', delta_fixed=None, delta_scale=1.0, max_lr=None,\n"
+        "                   bias_correction=True, maximize=False)\n"
+        "except ValueError as e:\n"
+        "    print('raised:', e); print('unchanged:', bool((p == 1).all() and (m == 0).all()))\n"
+    )
+    python_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(cpu_forms.__file__))), "python")
+    for bad in ("65537", "512x"):
+        env = dict(os.environ, FUSEDECAY_CPU_PREFETCH=bad)
+        out = subprocess.run([sys.executable, "-c", probe, python_dir], env=env, timeout=300, capture_output=True,
+                             text=True, check=True).stdout
+        assert "raised:" in out and "FUSEDECAY_CPU_PREFETCH" in out and f"'{bad}'" in out, (bad, out)
+        assert "unchanged: True" in out, (bad, out)

@@ -21,6 +21,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -494,6 +496,7 @@ struct ChunkArgs {
   float* m_scale;
   float* v_scale;
   int64_t n;
+  int64_t prefetch;  // software prefetch distance in elements for element-wise moments (0: none); see update_chunk
 };
 
 // Moments stored element by element (fp32, bf16, fp64): kGroup = 1, keep() stores at once. S: the VectorForm of the
@@ -503,10 +506,15 @@ struct ElementwiseCodec {
   using MR = typename Io<M>::raw;
   static constexpr int kForm = S;
   static constexpr int kGroup = 1;  // lane blocks per group
-  static constexpr int64_t kPrefetch = 0;  // no software prefetch (see update_chunk)
+  static constexpr int64_t kPrefetch = 0;  // the distance is the run-time ChunkArgs::prefetch (see update_chunk)
   MR* __restrict m;
   MR* __restrict v;
   explicit ElementwiseCodec(const ChunkArgs& a) : m(static_cast<MR*>(a.m)), v(static_cast<MR*>(a.v)) {}
+  // The moments of the vector at element i (one cache line or half of one).
+  FD_ALWAYS_INLINE void prefetch(int64_t i) const {
+    __builtin_prefetch(m + i, 1);
+    __builtin_prefetch(v + i, 1);
+  }
   FD_ALWAYS_INLINE void begin_group(int64_t) {}
   FD_ALWAYS_INLINE T load_m1(int64_t i) const { return Io<M>::load(m[i]); }
   FD_ALWAYS_INLINE T load_v1(int64_t i) const { return Io<M>::load(v[i]); }
@@ -673,13 +681,16 @@ FD_ALWAYS_INLINE double update_chunk(const ChunkArgs& a, const StepScalars<T>& s
       using V = F16<Codec::kForm>;
       V acc{};
       for (; i + G * kVecLanes <= len; i += G * kVecLanes) {
-        // Software prefetch only for blockwise codecs. With fp32/bf16 moments the loop is memory-bound and the
-        // hardware prefetchers keep up: prefetches 512 elements ahead were measured (interleaved A/B against
-        // torch's fused AdamW, cpu-small, 2-core EPYC) ~5 % slower at 2 threads and 5–25 % slower at 1 thread.
-        // The 8-bit loop does ~3× the arithmetic per byte and left memory idle: prefetching the group 512
-        // elements ahead took it from 1.45 to 0.95 ns/element (1 thread, 2^23 elements, Intel Xeon).
-        if constexpr (Codec::kPrefetch > 0) {
-          const int64_t ahead = base + i + Codec::kPrefetch;
+        // Software prefetch. The 8-bit loop does ~3× the arithmetic per byte and left memory idle: prefetching the
+        // group 512 elements ahead took it from 1.45 to 0.95 ns/element (1 thread, 2^23 elements, Intel Xeon), on
+        // every CPU (Codec::kPrefetch). With fp32/bf16 moments the loop is memory-bound and whether prefetching
+        // helps depends on the CPU, so the distance comes at run time (cpu_prefetch_distance()): on a 2-core EPYC
+        // prefetches 512 elements ahead were measured ~5 % slower at 2 threads and 5–25 % slower at 1 thread
+        // (interleaved A/B against torch's fused AdamW, cpu-small); on the Intel Xeon VM 15 % (2 threads) and
+        // 23 % (1 thread) faster (bench/kernel_direct.sh, 2^26 elements; docs/kernels.md).
+        const int64_t distance = Codec::kPrefetch > 0 ? Codec::kPrefetch : a.prefetch;
+        if (distance > 0) {
+          const int64_t ahead = base + i + distance;
           for (int c = 0; c < G * kVecLanes; c += 64 / static_cast<int>(sizeof(PR))) {
             __builtin_prefetch(p + ahead + c, 1);
             __builtin_prefetch(g + ahead + c, 0);
@@ -847,6 +858,30 @@ inline int64_t storage_size(int kind) {
   }
 }
 
+// The software prefetch distance (elements) of the update loop with element-wise (fp32/bf16) moments: 512 on Intel
+// CPUs, none elsewhere (see update_chunk); FUSEDECAY_CPU_PREFETCH=N (0 ≤ N ≤ 65536) sets it, for measuring. Read once,
+// on the calling thread (an invalid value throws there, before any work).
+int64_t cpu_prefetch_distance() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("FUSEDECAY_CPU_PREFETCH");
+    if (env != nullptr && *env != '\0') {
+      char* end = nullptr;
+      const long long x = std::strtoll(env, &end, 10);
+      if (*end != '\0' || x < 0 || x > 65536) {
+        throw std::invalid_argument(std::string("FUSEDECAY_CPU_PREFETCH must be an element count from 0 to 65536, got '") +
+                                    env + "'");
+      }
+      return static_cast<int64_t>(x);
+    }
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_is("intel")) return int64_t{512};
+#endif
+    return int64_t{0};
+  }();
+  return v;
+}
+
 // Below this many elements per thread the OpenMP fork costs more than it saves.
 constexpr int64_t kMinElementsPerThread = 32768;
 
@@ -860,6 +895,7 @@ void run_adam_decay(const KernelScalars<T>& ks, int param_kind, int moment_kind,
   const UpdateFn<T> update = Kernels<T>::update(param_kind, moment_kind, ks.hyper.decay, partials != nullptr);
   const auto abs_sum = Kernels<T>::abs_sum(param_kind);
   const int64_t ps = storage_size(param_kind), ms = storage_size(moment_kind);
+  const int64_t prefetch = cpu_prefetch_distance();
 
   auto run_chunk = [&](int64_t c) {
     const ChunkRef& ch = chunks[c];
@@ -880,7 +916,8 @@ void run_adam_decay(const KernelScalars<T>& ks, int param_kind, int moment_kind,
                            static_cast<char*>(t.exp_avg_sq) + start * ms,
                            t.exp_avg_scale != nullptr ? t.exp_avg_scale + block : nullptr,
                            t.exp_avg_sq_scale != nullptr ? t.exp_avg_sq_scale + block : nullptr,
-                           len};
+                           len,
+                           prefetch};
       part = update(args, s);
     }
     if (partials != nullptr) partials[c] = part;
