@@ -873,7 +873,7 @@ int64_t cpu_prefetch_distance() {
       }
       return static_cast<int64_t>(x);
     }
-#if defined(__x86_64__) || defined(__i386__)
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
     __builtin_cpu_init();
     if (__builtin_cpu_is("intel")) return int64_t{512};
 #endif
