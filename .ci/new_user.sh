@@ -70,5 +70,5 @@ say "command 2 done"
 
 # The numerics tests again under MKL_CBWR=AVX2 and ATEN_CPU_CAPABILITY=default (+ FUSEDECAY_CPU_VECTORS=split), in
 # this venv.
-bash .ci/numerics_matrix.sh
+bash .ci/numerics_matrix.sh --parallel   # the two settings at the same time (their outputs one after the other)
 say "done"
