@@ -1,0 +1,187 @@
+"""Every Triton kernel compiles for the GPU (sm_90, PTX and cubin through Triton's own ptxas), without a GPU.
+
+The interpreter (TRITON_INTERPRET=1) runs the kernels' Python, not Triton's GPU compiler, so a construct it accepts
+can still fail to lower, and a GPU session (a few minutes of device time) would find that first. Here a subprocess
+with the interpreter off calls the real launchers of the ScionC element-wise kernels and of the symmetric
+Newton–Schulz product on small CPU tensors, with each kernel swapped for a recorder that keeps the launch (argument
+types, constexprs, num_warps/num_stages — the symmetric product's tile configuration taken as on a CUDA device),
+and compiles every recorded launch for sm_90. The Adam kernel's reduction and the Adam kernel's decay variants are
+compiled from explicit signatures (the Adam kernel's aligned/unaligned and storage-dtype variants are in
+test_triton_adam.py::test_kernel_lowers_to_ptx_with_vector_accesses).
+
+Checked besides compiling: the fp32 symmetric product keeps IEEE fp32 dot products (no tensor-core mma, which
+would be TF32) and the bf16 one uses tensor cores (wgmma on sm_90); the Adam variants and the μ update divide and
+take square roots IEEE-rounded (div.rn / sqrt.rn, no div.full or sqrt.approx).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from snippets import require  # noqa: E402
+
+triton = require("triton")  # skipped without triton locally; CI must have it
+pytestmark = pytest.mark.triton
+
+_LOWER_ALL = r"""
+import re, sys
+import torch
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+sys.path.insert(0, sys.argv[1])
+from fusedecay.triton_kernels import adam_decay as A, scion_update as S, symmetric_matmul as SM
+
+TARGET = GPUTarget("cuda", 90, 32)
+PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int8: "*i8",
+       torch.uint8: "*u8", torch.int32: "*i32", torch.int64: "*i64"}
+
+
+def compile_ptx(kernel, types, const, num_warps=4, num_stages=3):
+    names = kernel.arg_names
+    unknown = (set(types) | set(const)) - set(names)
+    missing = [a for a in names if a not in types and a not in const]
+    if unknown or missing:
+        raise SystemExit(f"{kernel.__name__}: unknown {sorted(unknown)}, missing {missing}")
+    sig = {a: ("constexpr" if a in const else types[a]) for a in names}
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=dict(const))
+    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages}).asm["ptx"]
+
+
+class Recorder:
+    # Stands in for a @triton.jit kernel in its module: kernel[grid](*args, **kwargs) records the launch.
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((args, kwargs))
+
+
+def arg_type(name, x):
+    if isinstance(x, torch.Tensor):
+        return PTR[x.dtype]
+    if isinstance(x, bool):
+        return "i1"
+    if isinstance(x, int):
+        return "i32" if -2**31 <= x < 2**31 else "i64"
+    if isinstance(x, float):
+        return "fp32"
+    raise SystemExit(f"argument {name}: no Triton type for {type(x).__name__}")
+
+
+def lower_recorded(rec, label):
+    params = {p.name: p for p in rec.kernel.params}
+    for args, kwargs in rec.launches:
+        names = rec.kernel.arg_names
+        bound = dict(zip(names, args))
+        bound.update({k: v for k, v in kwargs.items() if k in params})
+        options = {k: v for k, v in kwargs.items() if k not in params}
+        const = {k: v for k, v in bound.items() if params[k].is_constexpr}
+        types = {k: arg_type(k, v) for k, v in bound.items() if not params[k].is_constexpr}
+        ptx = compile_ptx(rec.kernel, types, const, **options)
+        print(label, "ok", sorted(types.items()), sorted(const.items()), sorted(options.items()),
+              "mma" in ptx, "wgmma" in ptx)
+    if not rec.launches:
+        raise SystemExit(f"{label}: the launcher launched nothing")
+
+
+def ieee(ptx):
+    ops = set(re.findall(r"\b(div|sqrt)\.([a-z]+)(?:\.ftz)?\.f32", ptx))
+    return ops <= {("div", "rn"), ("sqrt", "rn")} and bool(ops)
+
+
+# ScionC element-wise kernels, through their launchers: float and tensor keep/step, Nesterov or not, param /
+# momentum / Newton–Schulz-stack dtypes as ScionC combines them (a momentum buffer may be narrower than its param).
+recs = {name: Recorder(getattr(S, name)) for name in ("_momentum_to_stack_kernel", "_apply_direction_kernel",
+                                                     "_sign_step_kernel")}
+for name, rec in recs.items():
+    setattr(S, name, rec)
+f32, bf16 = torch.float32, torch.bfloat16
+for p_dt, m_dt, ns_dt in ((f32, f32, f32), (bf16, bf16, bf16), (f32, bf16, bf16), (bf16, f32, bf16)):
+    for tall in (False, True):
+        shape = (48, 16) if tall else (16, 48)
+        p, g, m = torch.zeros(shape, dtype=p_dt), torch.zeros(shape, dtype=p_dt), torch.zeros(shape, dtype=m_dt)
+        slot = torch.zeros(min(shape), max(shape), dtype=ns_dt)
+        for nesterov in (False, True):
+            S.momentum_to_stack(g, m, slot, alpha=0.1, nesterov=nesterov, maximize=nesterov)
+        for keep, step in ((0.99, 0.01), (torch.tensor(0.99), torch.tensor(0.01))):
+            S.apply_direction(p, slot, keep=keep, step=step, step_mul=1.5)
+            S.sign_step(p, g, m, alpha=0.1, keep=keep, step=step, nesterov=not tall, maximize=tall, step_mul=0.25)
+for name, rec in recs.items():
+    lower_recorded(rec, name)
+
+# The symmetric product of Newton-Schulz, through its launcher, with the tile configuration of a CUDA device.
+rec = Recorder(SM._symmetric_matmul_kernel)
+SM._symmetric_matmul_kernel = rec
+config = SM._config
+SM._config = lambda M, dtype, device: config(M, dtype, torch.device("cuda"))
+for dt in (f32, bf16):
+    for M, K in ((96, 160), (1024, 1536)):
+        x = torch.zeros(2, M, K, dtype=dt)
+        a = SM.symmetric_matmul(x)
+        SM.symmetric_matmul(a, alpha=2.0, beta=-1.0, add=a)
+lower_recorded(rec, "_symmetric_matmul_kernel")
+
+# The ordered Σ|θ| reduction with the μ update (explicit signature, every constexpr combination).
+sum_types = dict(partials_ptr="*fp32", meta_ptr="*i64", n_tensors="i32", first_block_offset="i32",
+                 out_index_offset="i32", out_ptr="*fp32", found_inf_ptr="*fp32", mu_beta="fp32",
+                 mu_one_minus_beta="fp32")
+for update_mu in (False, True):
+    for has_found_inf in (False, True):
+        ptx = compile_ptx(A._ordered_abs_sum_kernel, sum_types,
+                          dict(UPDATE_MU=update_mu, HAS_FOUND_INF=has_found_inf, RBLOCK=A.REDUCE_BLOCK))
+        print("_ordered_abs_sum_kernel ok", update_mu, has_found_inf, "ieee", ieee(ptx) if update_mu else True)
+
+# The Adam kernel's decay rules (l2, prox, euler) with the other flags flipped from the vector-access test's
+# (float lr, no max_lr, no grad scale / found_inf, δ fixed, no bias correction, maximize, no Σ|θ|), for fp32,
+# bf16 and 8-bit state.
+scalars = ("lr_value", "max_lr_value", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "weight_decay",
+           "delta_fixed", "delta_scale")
+adam_types = {p.name: ("fp32" if p.name in scalars else "i32" if p.name in ("n_tensors", "block_map_offset") else
+                       "*i64" if p.name == "meta_ptr" else "*fp32")
+              for p in A._adam_decay_kernel.params if not p.is_constexpr}
+for decay, name in enumerate(("l2", "prox", "euler")):
+    for p_dt, m_dt, v_dt in ((tl.float32, tl.float32, tl.float32), (tl.bfloat16, tl.bfloat16, tl.bfloat16),
+                             (tl.bfloat16, tl.int8, tl.uint8)):
+        const = dict(P_DTYPE=p_dt, G_DTYPE=p_dt, M_DTYPE=m_dt, V_DTYPE=v_dt, DECAY=decay, DELTA_FROM_MU=False,
+                     LR_IS_PTR=False, CORRECTED=False, MAX_LR_IS_PTR=False, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False,
+                     BIAS_CORRECTION=False, LOG2_BETA1=-0.152, LOG2_BETA2=-0.00144, MAXIMIZE=True, WRITE_ABS=False,
+                     ALIGNED=True, QUANT=m_dt == tl.int8, BLOCK=A.DEFAULT_BLOCK)
+        ptx = compile_ptx(A._adam_decay_kernel, adam_types, const, num_warps=A.DEFAULT_NUM_WARPS)
+        print("_adam_decay_kernel ok", name, p_dt, m_dt, "ieee", ieee(ptx))
+"""
+
+
+@pytest.mark.slow
+def test_every_triton_kernel_compiles_for_sm90(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the cuda tests compile and run the real kernels")
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("this triton has no NVIDIA backend to compile with")
+    script = tmp_path / "lower_all.py"
+    script.write_text(_LOWER_ALL)
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    python_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
+    out = subprocess.run([sys.executable, str(script), python_dir], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    by_kernel = {}
+    for ln in lines:
+        by_kernel.setdefault(ln.split()[0], []).append(ln)
+    # Launches recorded: 4 dtype sets × 2 orientations × (2 Nesterov | 2 keep/step kinds) per ScionC kernel;
+    # 2 dtypes × 2 sizes × 2 calls of the symmetric product; 4 reduction variants; 3 × 3 Adam variants.
+    assert {k: len(v) for k, v in by_kernel.items()} == {
+        "_momentum_to_stack_kernel": 16, "_apply_direction_kernel": 16, "_sign_step_kernel": 16,
+        "_symmetric_matmul_kernel": 8, "_ordered_abs_sum_kernel": 4, "_adam_decay_kernel": 9}, out.stdout[-3000:]
+    for ln in by_kernel["_symmetric_matmul_kernel"]:
+        mma, wgmma = ln.split()[-2:]
+        if "'IEEE', True" in ln:   # fp32: IEEE fp32 dot products (FMA), never TF32 tensor-core mma
+            assert "('x_ptr', '*fp32')" in ln and mma == "False", ln
+        else:                      # bf16: tensor cores, Hopper's wgmma
+            assert "('x_ptr', '*bf16')" in ln and wgmma == "True", ln
+    for ln in by_kernel["_ordered_abs_sum_kernel"] + by_kernel["_adam_decay_kernel"]:
+        assert ln.split()[-1] == "True", f"division or square root not IEEE-rounded: {ln}"
+    # The symmetric product's launches carry the GPU tile configuration (not the interpreter's 32×32, 1 warp).
+    assert all("('num_warps', 1)" not in ln for ln in by_kernel["_symmetric_matmul_kernel"])
