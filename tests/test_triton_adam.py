@@ -442,56 +442,6 @@ def test_cache_hit_still_checks_grad_sizes():
         F.adam_decay(params, [buf[:36], grads[1]], m, v, steps, mus, backend="triton", **kw)
 
 
-_PTX_CHECK = r"""
-import re, sys
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-sys.path.insert(0, sys.argv[1])
-from fusedecay.triton_kernels import adam_decay as K
-scalars = ("lr_value", "max_lr_value", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps",
-           "weight_decay", "delta_fixed", "delta_scale")
-for p_dt, m_dt, v_dt, aligned in ((tl.float32, tl.float32, tl.float32, True), (tl.bfloat16, tl.float32, tl.float32, True),
-                                  (tl.bfloat16, tl.bfloat16, tl.bfloat16, True), (tl.float32, tl.int8, tl.uint8, True),
-                                  (tl.float32, tl.float32, tl.float32, False)):
-    const = dict(P_DTYPE=p_dt, G_DTYPE=p_dt, M_DTYPE=m_dt, V_DTYPE=v_dt, DECAY=1, DELTA_FROM_MU=True, LR_IS_PTR=True,
-                 CORRECTED=True, MAX_LR_IS_PTR=False, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, BIAS_CORRECTION=True,
-                 LOG2_BETA1=-0.152, LOG2_BETA2=-0.00144, MAXIMIZE=False, WRITE_ABS=True, ALIGNED=aligned,
-                 QUANT=m_dt == tl.int8, BLOCK=K.DEFAULT_BLOCK)
-    sig = {a: ("fp32" if a in scalars else "i32" if a in ("n_tensors", "block_map_offset") else
-               "*i64" if a == "meta_ptr" else "*fp32") for a in K._adam_decay_kernel.arg_names if a not in const}
-    sig.update({k: "constexpr" for k in const})
-    src = triton.compiler.ASTSource(fn=K._adam_decay_kernel, signature=sig, constexprs=const)
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": K.DEFAULT_NUM_WARPS}).asm["ptx"]
-    print(aligned, "ld.global.v4" in ptx and "st.global.v4" in ptx)
-    # IEEE-rounded division and square root (no div.full / sqrt.approx, no subnormal flush in them).
-    ops = set(re.findall(r"\b(div|sqrt)\.([a-z]+)(?:\.ftz)?\.f32", ptx))
-    print("ieee", sorted(ops) == [("div", "rn"), ("sqrt", "rn")], sorted(ops))
-"""
-
-
-@pytest.mark.slow
-def test_kernel_lowers_to_ptx_with_vector_accesses(tmp_path):
-    """Without a GPU: compile the kernel for sm_90 (PTX only), 8-bit state included; check 16-byte loads/stores
-    when aligned and IEEE-rounded division and square root."""
-    import subprocess
-    import sys
-    if CUDA:
-        pytest.skip("a GPU is present: the cuda tests compile and run the real kernels")
-    if "nvidia" not in getattr(triton.backends, "backends", {}):
-        pytest.skip("this triton has no NVIDIA backend to compile with")
-    script = tmp_path / "ptx_check.py"
-    script.write_text(_PTX_CHECK)
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"))
-    python_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
-    out = subprocess.run([sys.executable, str(script), python_dir], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.splitlines()
-    assert [ln.split()[:2] for ln in lines if not ln.startswith("ieee")] == [["True", "True"]] * 4 + [["False", "False"]]
-    ieee = [ln for ln in lines if ln.startswith("ieee")]
-    assert len(ieee) == 5 and all(ln.split()[1] == "True" for ln in ieee), ieee
-
-
 # ------------------------------------------------------------------------------------------------
 # 8-bit state (docs/state8.md) and the fused μ update
 # ------------------------------------------------------------------------------------------------

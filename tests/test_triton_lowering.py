@@ -7,7 +7,7 @@ Newton–Schulz product on small CPU tensors, with each kernel swapped for a rec
 types, constexprs, num_warps/num_stages — the symmetric product's tile configuration taken as on a CUDA device),
 and compiles every recorded launch for sm_90. The Adam kernel's reduction and the Adam kernel's decay variants are
 compiled from explicit signatures (the Adam kernel's aligned/unaligned and storage-dtype variants are in
-test_triton_adam.py::test_kernel_lowers_to_ptx_with_vector_accesses).
+test_adam_kernel_lowers_with_vector_accesses_and_ieee_division below).
 
 Checked besides compiling: the fp32 symmetric product keeps IEEE fp32 dot products (no tensor-core mma, which
 would be TF32) and the bf16 one uses tensor cores (wgmma on sm_90); the Adam variants and the μ update divide and
@@ -24,6 +24,33 @@ from snippets import require  # noqa: E402
 
 triton = require("triton")  # skipped without triton locally; CI must have it
 pytestmark = pytest.mark.triton
+
+_PTX_CHECK = r"""
+import re, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+sys.path.insert(0, sys.argv[1])
+from fusedecay.triton_kernels import adam_decay as K
+scalars = ("lr_value", "max_lr_value", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps",
+           "weight_decay", "delta_fixed", "delta_scale")
+for p_dt, m_dt, v_dt, aligned in ((tl.float32, tl.float32, tl.float32, True), (tl.bfloat16, tl.float32, tl.float32, True),
+                                  (tl.bfloat16, tl.bfloat16, tl.bfloat16, True), (tl.float32, tl.int8, tl.uint8, True),
+                                  (tl.float32, tl.float32, tl.float32, False)):
+    const = dict(P_DTYPE=p_dt, G_DTYPE=p_dt, M_DTYPE=m_dt, V_DTYPE=v_dt, DECAY=1, DELTA_FROM_MU=True, LR_IS_PTR=True,
+                 CORRECTED=True, MAX_LR_IS_PTR=False, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, BIAS_CORRECTION=True,
+                 LOG2_BETA1=-0.152, LOG2_BETA2=-0.00144, MAXIMIZE=False, WRITE_ABS=True, ALIGNED=aligned,
+                 QUANT=m_dt == tl.int8, BLOCK=K.DEFAULT_BLOCK)
+    sig = {a: ("fp32" if a in scalars else "i32" if a in ("n_tensors", "block_map_offset") else
+               "*i64" if a == "meta_ptr" else "*fp32") for a in K._adam_decay_kernel.arg_names if a not in const}
+    sig.update({k: "constexpr" for k in const})
+    src = triton.compiler.ASTSource(fn=K._adam_decay_kernel, signature=sig, constexprs=const)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": K.DEFAULT_NUM_WARPS}).asm["ptx"]
+    print(aligned, "ld.global.v4" in ptx and "st.global.v4" in ptx)
+    # IEEE-rounded division and square root (no div.full / sqrt.approx, no subnormal flush in them).
+    ops = set(re.findall(r"\b(div|sqrt)\.([a-z]+)(?:\.ftz)?\.f32", ptx))
+    print("ieee", sorted(ops) == [("div", "rn"), ("sqrt", "rn")], sorted(ops))
+"""
+
 
 _LOWER_ALL = r"""
 import re, sys
@@ -153,20 +180,35 @@ for decay, name in enumerate(("l2", "prox", "euler")):
 """
 
 
-@pytest.mark.slow
-def test_every_triton_kernel_compiles_for_sm90(tmp_path):
+def _run_with_the_gpu_compiler(script_text: str, tmp_path) -> str:
+    """Runs ``script_text`` in a subprocess with the interpreter off (fresh Triton cache); returns its stdout."""
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the cuda tests compile and run the real kernels")
     if "nvidia" not in getattr(triton.backends, "backends", {}):
         pytest.skip("this triton has no NVIDIA backend to compile with")
-    script = tmp_path / "lower_all.py"
-    script.write_text(_LOWER_ALL)
+    script = tmp_path / "lower.py"
+    script.write_text(script_text)
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"))
     python_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
     out = subprocess.run([sys.executable, str(script), python_dir], env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.splitlines()
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_adam_kernel_lowers_with_vector_accesses_and_ieee_division(tmp_path):
+    """The Adam kernel for fp32, bf16 (fp32 or bf16 moments) and 8-bit state, aligned, and fp32 unaligned: 16-byte
+    loads/stores exactly when aligned, IEEE-rounded division and square root."""
+    lines = _run_with_the_gpu_compiler(_PTX_CHECK, tmp_path).splitlines()
+    assert [ln.split()[:2] for ln in lines if not ln.startswith("ieee")] == [["True", "True"]] * 4 + [["False", "False"]]
+    ieee = [ln for ln in lines if ln.startswith("ieee")]
+    assert len(ieee) == 5 and all(ln.split()[1] == "True" for ln in ieee), ieee
+
+
+@pytest.mark.slow
+def test_every_triton_kernel_compiles_for_sm90(tmp_path):
+    lines = _run_with_the_gpu_compiler(_LOWER_ALL, tmp_path).splitlines()
     by_kernel = {}
     for ln in lines:
         by_kernel.setdefault(ln.split()[0], []).append(ln)
@@ -174,7 +216,7 @@ def test_every_triton_kernel_compiles_for_sm90(tmp_path):
     # 2 dtypes × 2 sizes × 2 calls of the symmetric product; 4 reduction variants; 3 × 3 Adam variants.
     assert {k: len(v) for k, v in by_kernel.items()} == {
         "_momentum_to_stack_kernel": 16, "_apply_direction_kernel": 16, "_sign_step_kernel": 16,
-        "_symmetric_matmul_kernel": 8, "_ordered_abs_sum_kernel": 4, "_adam_decay_kernel": 9}, out.stdout[-3000:]
+        "_symmetric_matmul_kernel": 8, "_ordered_abs_sum_kernel": 4, "_adam_decay_kernel": 9}, lines[-40:]
     for ln in by_kernel["_symmetric_matmul_kernel"]:
         mma, wgmma = ln.split()[-2:]
         if "'IEEE', True" in ln:   # fp32: IEEE fp32 dot products (FMA), never TF32 tensor-core mma
