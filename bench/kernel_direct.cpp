@@ -3,13 +3,16 @@
 // ns/element on an in-cache tensor; bench/kernel_ns_per_element.py includes it). Build and run with
 // bench/kernel_direct.sh, which compiles csrc/cpu/adam_decay_cpu.cpp with the extension's flags.
 //
-//   kernel_direct [elements=131072] [threads=1] [rounds=15]
+//   kernel_direct [elements=131072] [threads=1] [rounds=15] [cold=0]
 //
 // One fp32 tensor of `elements` (a multiple of 128), AdamHD's prox step with the per-chunk Σ|θ_t| (what its default
 // δ tracking needs; the μ update itself is a few scalar operations per tensor after the kernel) and the plain l2 step
 // without sums, moments in fp32 and in 8 bits (docs/state8.md). Each figure is the
 // best of `rounds` timings of 50 calls (5 above 2^20 elements). The state starts from zero moments and is stepped
-// in place, so the 8-bit codes are the kernel's own after the warm-up calls.
+// in place, so the 8-bit codes are the kernel's own after the warm-up calls. With cold=1 every call is timed on its
+// own after 512 MiB of other memory was written (so no level of cache holds the tensor, as in the paired
+// benchmark's interleaved rounds, where the other optimizers' steps run in between), and the figure is the median of
+// `rounds` such calls.
 #include "cpu/adam_decay_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -27,6 +30,7 @@ int main(int argc, char** argv) {
   const int64_t n = argc > 1 ? std::atoll(argv[1]) : (int64_t(1) << 17);
   const int threads = argc > 2 ? std::atoi(argv[2]) : 1;
   const int rounds = argc > 3 ? std::atoi(argv[3]) : 15;
+  const bool cold = argc > 4 && std::atoi(argv[4]) != 0;
   if (n <= 0 || n % 128 != 0) {
     std::fprintf(stderr, "elements must be a positive multiple of 128\n");
     return 2;
@@ -44,8 +48,10 @@ int main(int argc, char** argv) {
     g[i] = 1e-2f * normal(rng);
   }
   float step = 1.0f, mu = 0.1f;
+  std::vector<float> flush(cold ? (size_t(128) << 20) : 0, 0.0f);  // 512 MiB written before each cold call
 
-  std::printf("| elements | threads | moments | step | ns/element |\n|---:|---:|---|---|---:|\n");
+  std::printf("| elements | threads | moments | step | ns/element%s |\n|---:|---:|---|---|---:|\n",
+              cold ? " (cold, median)" : "");
   for (int q8 = 0; q8 < 2; ++q8) {
     for (int prox = 1; prox >= 0; --prox) {
       KernelScalars<float> ks{};
@@ -82,7 +88,18 @@ int main(int argc, char** argv) {
       };
       for (int k = 0; k < 3; ++k) call();
       double best = 1e30;
-      for (int r = 0; r < rounds; ++r) {
+      if (cold) {
+        std::vector<double> times;
+        for (int r = 0; r < rounds; ++r) {
+          for (float& x : flush) x += 1.0f;
+          const auto t0 = std::chrono::steady_clock::now();
+          call();
+          times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        }
+        std::sort(times.begin(), times.end());
+        best = times[times.size() / 2] / static_cast<double>(n);
+      }
+      for (int r = 0; r < (cold ? 0 : rounds); ++r) {
         const auto t0 = std::chrono::steady_clock::now();
         for (int k = 0; k < calls; ++k) call();
         const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds bench/kernel_direct.cpp against this checkout's csrc/ with the CPU extension's compiler flags
-# (fusedecay/_jit.py) and runs it. Arguments go to the program: [elements] [threads] [rounds].
+# (fusedecay/_jit.py) and runs it. Arguments go to the program: [elements] [threads] [rounds] [cold].
 #   bash bench/kernel_direct.sh                         # 2^17 elements (in L2), 1 thread
 #   bash bench/kernel_direct.sh 16777216 2              # out of cache, 2 threads
+#   bash bench/kernel_direct.sh 16777216 2 15 1         # cold: caches overwritten before each call (median)
 #   FUSEDECAY_NO_AVX512=1 bash bench/kernel_direct.sh   # the build a CPU without AVX-512 runs (split vectors)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
