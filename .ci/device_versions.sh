@@ -14,8 +14,9 @@
 #   4. imports _C_cuda and checks that it registered the CUDA kernel of fusedecay::adam_decay_, and that the CPU
 #      kernels came from the ahead-of-time fusedecay._C (not a just-in-time build);
 #   5. runs the whole test suite there (GPU tests skip; the Triton kernels run in the interpreter) in two pytest-xdist
-#      workers: the suite keeps ~1.2 of this runner's 2 cores busy (compiles, subprocesses, Python), and two
-#      workers took it from 239 s to 165 s here. The README's own command (one process) runs in .ci/new_user.sh.
+#      workers: one pytest process keeps ~1.2 of this runner's 2 cores busy (compiles, subprocesses, Python); two
+#      workers took the suite from 239 s to 165 s on this machine's own venv (torch 2.13), and this stage's suite
+#      from ~223 s to 149-200 s in CI. The README's own command (one process) runs in .ci/new_user.sh.
 #
 # Usage: bash .ci/device_versions.sh                        the whole stage
 #        bash .ci/device_versions.sh --prepare DIR          only make the venv DIR (step 1; .ci/run does this in
