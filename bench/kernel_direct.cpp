@@ -35,6 +35,10 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "elements must be a positive multiple of 128\n");
     return 2;
   }
+  if (threads < 1 || rounds < 1) {
+    std::fprintf(stderr, "threads and rounds must be at least 1\n");
+    return 2;
+  }
   at::set_num_threads(threads);
   const int calls = n > (int64_t(1) << 20) ? 5 : 50;
 

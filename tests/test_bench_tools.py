@@ -90,7 +90,7 @@ def test_shell_scripts_parse():
 def test_kernel_direct_builds_and_prints_a_row_per_case(tmp_path):
     """bench/kernel_direct.sh compiles the CPU kernel with the extension's flags and prints one positive
     ns/element figure for each of fp32/8-bit moments × prox/l2, also in the cold mode (caches overwritten before
-    each timed call); an element count that is not a multiple of 128 is refused."""
+    each timed call); an element count that is not a multiple of 128, or no rounds, is refused."""
     env = dict(os.environ, KERNEL_DIRECT_BIN=str(tmp_path / "kd"))
     out = subprocess.run(["bash", os.path.join(BENCH, "kernel_direct.sh"), "1024", "1", "2"], capture_output=True,
                          text=True, env=env, timeout=600)
@@ -105,3 +105,5 @@ def test_kernel_direct_builds_and_prints_a_row_per_case(tmp_path):
     assert sum(1 for line in cold.stdout.splitlines() if line.startswith("| 1024 ") and float(line.split("|")[5]) > 0) == 4
     bad = subprocess.run([str(tmp_path / "kd"), "1000"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "multiple of 128" in bad.stderr
+    bad = subprocess.run([str(tmp_path / "kd"), "1024", "1", "0", "1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "at least 1" in bad.stderr
