@@ -2,16 +2,17 @@
 
 The interpreter (TRITON_INTERPRET=1) runs the kernels' Python, not Triton's GPU compiler, so a construct it accepts
 can still fail to lower, and a GPU session (a few minutes of device time) would find that first. Here a subprocess
-with the interpreter off calls the real launchers of the ScionC element-wise kernels and of the symmetric
-Newton–Schulz product on small CPU tensors, with each kernel swapped for a recorder that keeps the launch (argument
-types, constexprs, num_warps/num_stages — the symmetric product's tile configuration taken as on a CUDA device),
-and compiles every recorded launch for sm_90. The Adam kernel's reduction and the Adam kernel's decay variants are
-compiled from explicit signatures (the Adam kernel's aligned/unaligned and storage-dtype variants are in
-test_adam_kernel_lowers_with_vector_accesses_and_ieee_division below).
+with the interpreter off calls the real launchers of the Adam kernel, of the ScionC element-wise kernels and of the
+symmetric Newton–Schulz product on small CPU tensors, with each kernel swapped for a recorder that keeps the launch
+(argument types, constexprs, num_warps/num_stages — the symmetric product's tile configuration taken as on a CUDA
+device), and compiles every recorded launch for sm_90; the Σ|θ|/μ reduction is compiled from an explicit signature
+in all four variants. (The Adam kernel's unaligned variant and its 128-bit accesses are checked by
+test_adam_kernel_lowers_with_vector_accesses_and_ieee_division below.)
 
 Checked besides compiling: the fp32 symmetric product keeps IEEE fp32 dot products (no tensor-core mma, which
-would be TF32) and the bf16 one uses tensor cores (wgmma on sm_90); the Adam variants and the μ update divide and
-take square roots IEEE-rounded (div.rn / sqrt.rn, no div.full or sqrt.approx).
+would be TF32) and the bf16 one uses tensor cores (wgmma on sm_90); the Adam kernel's launches compile every flag
+both ways and divide and take square roots IEEE-rounded (div.rn / sqrt.rn, no div.full or sqrt.approx), as does
+the μ update.
 """
 import os
 import subprocess
@@ -108,14 +109,15 @@ def lower_recorded(rec, label):
         types = {k: arg_type(k, v) for k, v in bound.items() if not params[k].is_constexpr}
         ptx = compile_ptx(rec.kernel, types, const, **options)
         print(label, "ok", sorted(types.items()), sorted(const.items()), sorted(options.items()),
-              "mma" in ptx, "wgmma" in ptx)
+              "mma" in ptx, "wgmma" in ptx, ieee(ptx))
     if not rec.launches:
         raise SystemExit(f"{label}: the launcher launched nothing")
 
 
 def ieee(ptx):
+    # ieee=True: fp32 division / square root present, all IEEE-rounded; ieee=False: some are not; ieee=none.
     ops = set(re.findall(r"\b(div|sqrt)\.([a-z]+)(?:\.ftz)?\.f32", ptx))
-    return ops <= {("div", "rn"), ("sqrt", "rn")} and bool(ops)
+    return "ieee=" + ("none" if not ops else str(ops <= {("div", "rn"), ("sqrt", "rn")}))
 
 
 # ScionC element-wise kernels, through their launchers: float and tensor keep/step, Nesterov or not, param /
@@ -158,25 +160,48 @@ for update_mu in (False, True):
     for has_found_inf in (False, True):
         ptx = compile_ptx(A._ordered_abs_sum_kernel, sum_types,
                           dict(UPDATE_MU=update_mu, HAS_FOUND_INF=has_found_inf, RBLOCK=A.REDUCE_BLOCK))
-        print("_ordered_abs_sum_kernel ok", update_mu, has_found_inf, "ieee", ieee(ptx) if update_mu else True)
+        print("_ordered_abs_sum_kernel ok", update_mu, has_found_inf, ieee(ptx))
 
-# The Adam kernel's decay rules (l2, prox, euler) with the other flags flipped from the vector-access test's
-# (float lr, no max_lr, no grad scale / found_inf, δ fixed, no bias correction, maximize, no Σ|θ|), for fp32,
-# bf16 and 8-bit state.
-scalars = ("lr_value", "max_lr_value", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "weight_decay",
-           "delta_fixed", "delta_scale")
-adam_types = {p.name: ("fp32" if p.name in scalars else "i32" if p.name in ("n_tensors", "block_map_offset") else
-                       "*i64" if p.name == "meta_ptr" else "*fp32")
-              for p in A._adam_decay_kernel.params if not p.is_constexpr}
-for decay, name in enumerate(("l2", "prox", "euler")):
-    for p_dt, m_dt, v_dt in ((tl.float32, tl.float32, tl.float32), (tl.bfloat16, tl.bfloat16, tl.bfloat16),
-                             (tl.bfloat16, tl.int8, tl.uint8)):
-        const = dict(P_DTYPE=p_dt, G_DTYPE=p_dt, M_DTYPE=m_dt, V_DTYPE=v_dt, DECAY=decay, DELTA_FROM_MU=False,
-                     LR_IS_PTR=False, CORRECTED=False, MAX_LR_IS_PTR=False, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False,
-                     BIAS_CORRECTION=False, LOG2_BETA1=-0.152, LOG2_BETA2=-0.00144, MAXIMIZE=True, WRITE_ABS=False,
-                     ALIGNED=True, QUANT=m_dt == tl.int8, BLOCK=A.DEFAULT_BLOCK)
-        ptx = compile_ptx(A._adam_decay_kernel, adam_types, const, num_warps=A.DEFAULT_NUM_WARPS)
-        print("_adam_decay_kernel ok", name, p_dt, m_dt, "ieee", ieee(ptx))
+# The Adam kernel through its launcher (adam_decay.adam_decay, as the optimizers call it) on CPU tensors: fp32 and
+# bf16 params with full-precision and 8-bit state under each decay rule, then calls with every optional input
+# flipped (tensor lr and max_lr, grad scale and found_inf, δ fixed, no bias correction, maximize, no Σ|θ|).
+rec = Recorder(A._adam_decay_kernel)
+A._adam_decay_kernel = rec
+A._ordered_abs_sum_kernel = Recorder(A._ordered_abs_sum_kernel)  # launched, not compiled (all variants above)
+
+
+def adam_step(dt, q8, decay, flipped=False):
+    shapes = [(256, 128), (4, 384)] + ([] if q8 else [(37,), ()])
+    ps = [torch.randn(s, dtype=dt) for s in shapes]
+    gs = [torch.randn(s, dtype=dt) for s in shapes]
+    if q8:
+        ms = [torch.zeros(s, dtype=torch.int8) for s in shapes]
+        vs = [torch.zeros(s, dtype=torch.uint8) for s in shapes]
+        scales = dict(exp_avg_scales=[torch.zeros(s[0], s[1] // 128) for s in shapes],
+                      exp_avg_sq_scales=[torch.zeros(s[0], s[1] // 128) for s in shapes])
+    else:
+        ms, vs, scales = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps], {}
+    steps = [torch.tensor(3.0) for _ in shapes]
+    tracked = decay != "l2" and not flipped
+    mus = [torch.tensor(0.02) for _ in shapes] if tracked else None
+    sums = None if flipped else torch.zeros(len(shapes))
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decay=decay,
+              delta_fixed=0.01 if decay != "l2" and flipped else None, delta_scale=1.0, max_lr=None,
+              bias_correction=True, maximize=False, delta_beta=0.9 if tracked else None)
+    if flipped:
+        kw.update(lr=torch.tensor(1e-3), max_lr=torch.tensor(2e-3), grad_scale=torch.tensor(0.5),
+                  found_inf=torch.tensor(0.0), bias_correction=False, maximize=True)
+    A.adam_decay(ps, gs, ms, vs, steps, mus, sums, **kw, **scales)
+
+
+for dt in (f32, bf16):
+    for q8 in (False, True):
+        for decay in ("l2", "prox", "euler"):
+            adam_step(dt, q8, decay)
+adam_step(f32, False, "prox", flipped=True)
+adam_step(bf16, True, "euler", flipped=True)
+adam_step(f32, True, "l2", flipped=True)
+lower_recorded(rec, "_adam_decay_kernel")
 """
 
 
@@ -213,17 +238,27 @@ def test_every_triton_kernel_compiles_for_sm90(tmp_path):
     for ln in lines:
         by_kernel.setdefault(ln.split()[0], []).append(ln)
     # Launches recorded: 4 dtype sets × 2 orientations × (2 Nesterov | 2 keep/step kinds) per ScionC kernel;
-    # 2 dtypes × 2 sizes × 2 calls of the symmetric product; 4 reduction variants; 3 × 3 Adam variants.
+    # 2 dtypes × 2 sizes × 2 calls of the symmetric product; 4 reduction variants (explicit); Adam: 2 param dtypes ×
+    # 2 state formats × 3 decay rules + 3 calls with the optional inputs flipped, one launch each.
     assert {k: len(v) for k, v in by_kernel.items()} == {
         "_momentum_to_stack_kernel": 16, "_apply_direction_kernel": 16, "_sign_step_kernel": 16,
-        "_symmetric_matmul_kernel": 8, "_ordered_abs_sum_kernel": 4, "_adam_decay_kernel": 9}, lines[-40:]
+        "_symmetric_matmul_kernel": 8, "_ordered_abs_sum_kernel": 4, "_adam_decay_kernel": 15}, lines[-40:]
     for ln in by_kernel["_symmetric_matmul_kernel"]:
-        mma, wgmma = ln.split()[-2:]
+        mma, wgmma = ln.split()[-3:-1]
         if "'IEEE', True" in ln:   # fp32: IEEE fp32 dot products (FMA), never TF32 tensor-core mma
             assert "('x_ptr', '*fp32')" in ln and mma == "False", ln
         else:                      # bf16: tensor cores, Hopper's wgmma
             assert "('x_ptr', '*bf16')" in ln and wgmma == "True", ln
-    for ln in by_kernel["_ordered_abs_sum_kernel"] + by_kernel["_adam_decay_kernel"]:
-        assert ln.split()[-1] == "True", f"division or square root not IEEE-rounded: {ln}"
+    # The Adam kernel (division, square root) and the μ update (division) round as IEEE. (The symmetric product's
+    # approximate square root only picks a tile index, corrected in integers after it.)
+    mu_updates = [ln for ln in by_kernel["_ordered_abs_sum_kernel"] if ln.split()[2] == "True"]
+    for ln in by_kernel["_adam_decay_kernel"] + mu_updates:
+        assert ln.split()[-1] == "ieee=True", ln
+    adam = " ".join(by_kernel["_adam_decay_kernel"])
+    for flag in ("LR_IS_PTR", "CORRECTED", "HAS_GRAD_SCALE", "HAS_FOUND_INF", "BIAS_CORRECTION", "MAXIMIZE",
+                 "WRITE_ABS", "DELTA_FROM_MU", "QUANT"):   # every flag compiled both ways
+        assert f"('{flag}', True)" in adam and f"('{flag}', False)" in adam, flag
+    for decay in range(3):
+        assert f"('DECAY', {decay})" in adam
     # The symmetric product's launches carry the GPU tile configuration (not the interpreter's 32×32, 1 warp).
     assert all("('num_warps', 1)" not in ln for ln in by_kernel["_symmetric_matmul_kernel"])
