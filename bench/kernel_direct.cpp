@@ -91,7 +91,7 @@ int main(int argc, char** argv) {
                                    prox ? partials.data() : nullptr);
       };
       for (int k = 0; k < 3; ++k) call();
-      double best = 1e30;
+      double figure = 1e30;  // ns/element: best of the warm rounds, or median of the cold calls
       if (cold) {
         std::vector<double> times;
         for (int r = 0; r < rounds; ++r) {
@@ -101,16 +101,16 @@ int main(int argc, char** argv) {
           times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
         }
         std::sort(times.begin(), times.end());
-        best = times[times.size() / 2] / static_cast<double>(n);
+        figure = times[times.size() / 2] / static_cast<double>(n);
       }
       for (int r = 0; r < (cold ? 0 : rounds); ++r) {
         const auto t0 = std::chrono::steady_clock::now();
         for (int k = 0; k < calls; ++k) call();
         const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        best = std::min(best, s / calls / static_cast<double>(n));
+        figure = std::min(figure, s / calls / static_cast<double>(n));
       }
       std::printf("| %lld | %d | %s | %s | %.3f |\n", static_cast<long long>(n), threads, q8 ? "8-bit" : "fp32",
-                  prox ? "prox + sums" : "l2", best * 1e9);
+                  prox ? "prox + sums" : "l2", figure * 1e9);
     }
   }
   return 0;

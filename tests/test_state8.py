@@ -616,6 +616,21 @@ def test_bad_state_bits_raise(bits):
     assert len(opt.param_groups) == 1
 
 
+def _cpu_forms_here_and_in_a_subprocess(tmp_path, **env):
+    """tests/cpu_forms.py's outputs from this process, and the names of those that differ in any bit from the same run
+    in a subprocess with ``env`` added to its environment."""
+    import subprocess
+    import sys
+    import cpu_forms
+    here = cpu_forms.run()
+    path = tmp_path / "other.pt"
+    subprocess.run([sys.executable, cpu_forms.__file__, str(path)], check=True, env=dict(os.environ, **env),
+                   timeout=300)
+    other = torch.load(path)
+    assert sorted(other) == sorted(here)
+    return here, [k for k in here if not torch.equal(cpu_forms.as_bits(here[k]), cpu_forms.as_bits(other[k]))]
+
+
 @needs_cpp
 def test_both_vector_forms_of_the_cpu_kernel_give_the_same_bits(tmp_path):
     """The CPU kernel's AVX-512 form and its split-register form (AVX2, the baseline, other architectures) of the
@@ -623,16 +638,7 @@ def test_both_vector_forms_of_the_cpu_kernel_give_the_same_bits(tmp_path):
     subnormals and values across 40 binades, for 8-bit, fp32 and bf16 moments, fp32 and bf16 params, three decays.
     The subprocess runs the split form (FUSEDECAY_CPU_VECTORS=split); this process the form its CPU picks, so on
     a CPU without AVX-512 both sides run the split form and this checks only that reruns agree."""
-    import subprocess
-    import sys
-    import cpu_forms
-    here = cpu_forms.run()
-    path = tmp_path / "split.pt"
-    env = dict(os.environ, FUSEDECAY_CPU_VECTORS="split")
-    subprocess.run([sys.executable, cpu_forms.__file__, str(path)], check=True, env=env, timeout=300)
-    split = torch.load(path)
-    assert sorted(split) == sorted(here)
-    differ = [k for k in here if not torch.equal(cpu_forms.as_bits(here[k]), cpu_forms.as_bits(split[k]))]
+    here, differ = _cpu_forms_here_and_in_a_subprocess(tmp_path, FUSEDECAY_CPU_VECTORS="split")
     assert not differ, differ[:10]
     assert any(torch.isnan(t).any() for t in here.values() if t.is_floating_point())   # the special values got in
 
@@ -646,14 +652,8 @@ def test_software_prefetch_distance_changes_no_bit_and_a_bad_value_raises(tmp_pa
     import subprocess
     import sys
     import cpu_forms
-    here = cpu_forms.run()
     # this process runs the default distance (512 on Intel, 0 elsewhere), the subprocess 64
-    path = tmp_path / "prefetch64.pt"
-    env = dict(os.environ, FUSEDECAY_CPU_PREFETCH="64")
-    subprocess.run([sys.executable, cpu_forms.__file__, str(path)], check=True, env=env, timeout=300)
-    other = torch.load(path)
-    assert sorted(other) == sorted(here)
-    differ = [k for k in here if not torch.equal(cpu_forms.as_bits(here[k]), cpu_forms.as_bits(other[k]))]
+    _, differ = _cpu_forms_here_and_in_a_subprocess(tmp_path, FUSEDECAY_CPU_PREFETCH="64")
     assert not differ, differ[:10]
     probe = (
         "import sys, torch; sys.path.insert(0, sys.argv[1])\n"
