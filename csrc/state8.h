@@ -92,57 +92,76 @@ FD_HD bool fd_less_nonneg(float x, float c, int32_t) { return x < c; }
 // f8_encode_unclamped is F8 before the clamp: the same code for x ≤ 1 (and the values just above 1 that round to it),
 // a larger one (below 2^12, never negative) for NaN and larger x — so an unsigned saturating narrowing to kMaxCode
 // (the AVX-512 form's vpmovusdb for E = 5) is the clamp.
-template <int E, typename V>
+// kNormal: the caller knows that every x is finite and at least kMinNormal, so the normal branch alone gives the same
+// codes (the CPU's vector loop, for a block whose smallest x it has checked: Q8Codec).
+template <int E, bool kNormal = false, typename V>
 FD_HD auto f8_encode_unclamped(V x) {
   using F = F8Format<E>;
   const auto u = fd_bits(x);
   const auto normal = fd_u2i((u + F::kNormalAdd + ((u >> F::kShift) & 1u)) >> F::kShift);
-  const auto subnormal = fd_u2i(fd_bits(x + F::kSubMagic)) - F::kSubMagicBits;
-  // x < kMinNormal: true for −0 (whose x + kSubMagic = kSubMagic gives code 0), false for NaN.
-  const auto tiny = fd_less_nonneg(x, F::kMinNormal, F::kMinNormalBits);
-  return fd_select(tiny, subnormal, normal);
+  if constexpr (kNormal) {
+    return normal;
+  } else {
+    const auto subnormal = fd_u2i(fd_bits(x + F::kSubMagic)) - F::kSubMagicBits;
+    // x < kMinNormal: true for −0 (whose x + kSubMagic = kSubMagic gives code 0), false for NaN.
+    const auto tiny = fd_less_nonneg(x, F::kMinNormal, F::kMinNormalBits);
+    return fd_select(tiny, subnormal, normal);
+  }
 }
 
-template <int E, typename V>
+// kNormal: besides, every x is at most 1 + 2^−20 (x = |m|·r or √v·r of a block with a finite normal scale, r = 1/s
+// rounded: at most 1 + 2^−20 even where r is subnormal), which rounds to code 1.0 at most: no clamp.
+template <int E, bool kNormal = false, typename V>
 FD_HD auto f8_encode(V x) {
-  return fd_min(f8_encode_unclamped<E>(x), F8Format<E>::kMaxCode);
+  if constexpr (kNormal) {
+    return f8_encode_unclamped<E, true>(x);
+  } else {
+    return fd_min(f8_encode_unclamped<E>(x), F8Format<E>::kMaxCode);
+  }
 }
 
-// V(c) for 0 ≤ c ≤ kMaxCode: the exact value of the code.
-template <int E, typename I>
+// V(c) for 0 ≤ c ≤ kMaxCode: the exact value of the code. kNormal: the caller knows that c ≥ 2^kMantissaBits (a
+// normal code), so the normal branch alone gives the same value.
+template <int E, bool kNormal = false, typename I>
 FD_HD auto f8_decode(I c) {
   using F = F8Format<E>;
   const auto normal = fd_from_bits((c + F::kExpOffset) << F::kShift);
-  const auto subnormal = fd_to_float(c) * F::kSubStep;  // exact
-  return fd_select(c < (1 << kMantissaBits), subnormal, normal);
+  if constexpr (kNormal) {
+    return normal;
+  } else {
+    const auto subnormal = fd_to_float(c) * F::kSubStep;  // exact
+    return fd_select(c < (1 << kMantissaBits), subnormal, normal);
+  }
 }
 
-// The moments. s = the block's scale, r = its encode factor.
-template <typename V>
+// The moments. s = the block's scale, r = its encode factor. kNormal as for f8_encode / f8_decode: the block's scale
+// is finite and normal and every |m|·r (√v·r) at least the format's kMinNormal (encode), every |code| at least
+// 2^kMantissaBits (decode).
+template <typename V, bool kNormal = false>
 FD_HD auto encode_exp_avg(V m, float r) {  // int8 code as int32: sign(m)·F8(|m|·r)
-  const auto q = f8_encode<kExpBitsM>(fd_abs(m) * r);
+  const auto q = f8_encode<kExpBitsM, kNormal>(fd_abs(m) * r);
   return fd_select(fd_is_negative(m), -q, q);
 }
 
-template <typename I>
+template <typename I, bool kNormal = false>
 FD_HD auto decode_exp_avg(I c, float s) {
-  return fd_negate_if(c, f8_decode<kExpBitsM>(fd_abs_code(c)) * s);  // −a for c < 0
+  return fd_negate_if(c, f8_decode<kExpBitsM, kNormal>(fd_abs_code(c)) * s);  // −a for c < 0
 }
 
 // w = √v of the updated v (the value the update divided by).
-template <typename V>
+template <typename V, bool kNormal = false>
 FD_HD auto encode_exp_avg_sq(V w, float r) {
-  return f8_encode<kExpBitsV>(w * r);
+  return f8_encode<kExpBitsV, kNormal>(w * r);
 }
-template <typename V>
+template <typename V, bool kNormal = false>
 FD_HD auto encode_exp_avg_sq_unclamped(V w, float r) {  // to be narrowed with unsigned saturation at 255
   static_assert(F8Format<kExpBitsV>::kMaxCode == 255, "the saturation is the clamp");
-  return f8_encode_unclamped<kExpBitsV>(w * r);
+  return f8_encode_unclamped<kExpBitsV, kNormal>(w * r);
 }
 
-template <typename I>
+template <typename I, bool kNormal = false>
 FD_HD auto decode_exp_avg_sq(I c, float s) {
-  const auto w = f8_decode<kExpBitsV>(c) * s;  // √v
+  const auto w = f8_decode<kExpBitsV, kNormal>(c) * s;  // √v
   return w * w;
 }
 

@@ -349,6 +349,74 @@ def test_codes_are_the_nearest_value_ties_to_even(impl, case):
     assert torch.equal(st["exp_avgs"][0], want_m) and torch.equal(st["exp_avg_sqs"][0], want_v)
 
 
+def special_blocks_state(param_dtype):
+    """One 128-element block per row, each of a kind that decides how the CPU kernel's vector loop treats it
+    (csrc/cpu/adam_decay_cpu.cpp, Q8Codec: a block whose codes and new values are all normal runs without the
+    subnormal branches), and grads that keep each kind through the steps (g = 0 where a moment must stay put)."""
+    g = torch.Generator().manual_seed(41)
+    rows = 11
+    m = torch.randn(rows, 128, generator=g) * 1e-3
+    v = m * m + torch.rand(rows, 128, generator=g) * 1e-6
+    grad = torch.randn(rows, 128, generator=g) * 1e-2
+    # 0: plain (every code normal). 1: one |m| at 2^−20 of the block's largest (code 0); 2: one at 2^−16 (a
+    # subnormal code); 3: one √v at 2^−32 of the largest (a subnormal code of v); g = 0 there, so they stay small
+    m[1, 5] = m[1].abs().max() * 2.0 ** -20
+    m[2, 9] = -m[2].abs().max() * 2.0 ** -16
+    v[3, 7] = v[3].max() * 2.0 ** -64
+    grad[1, 5] = grad[2, 9] = grad[3, 7] = 0.0
+    m[4], v[4], grad[4] = 0.0, 0.0, 0.0                       # 4: all zero (scales 0)
+    m[5] = float("nan")                                       # 5: m NaN throughout (scale NaN)
+    m[6, 3] = float("inf")                                    # 6: an infinite m (scale inf, r = 0)
+    m[7, ::3], grad[7, ::3] = -0.0, -0.0                      # 7: −0 moments
+    m[8] = torch.sign(m[8]) * 2.0 ** 126 * (1 + torch.rand(128, generator=g))   # 8: scale > 2^126 (r subnormal)
+    v[8], grad[8] = 1.0, 0.0
+    grad[9, 17] = float("nan")                                # 9: NaN from the grad (new scale NaN)
+    v[10] = v[10] * 2.0 ** 100                                # 10: large √v scale, small m
+    (mc, ms), (vc, vs) = S.quantize_exp_avg(m), S.quantize_exp_avg_sq(v)
+    params = (torch.randn(rows, 128, generator=g) * 0.5).to(param_dtype)
+    st = dict(params=[params], exp_avgs=[mc], exp_avg_sqs=[vc], exp_avg_scales=[ms], exp_avg_sq_scales=[vs],
+              steps=[torch.tensor(3.0)], mus=[params.float().abs().mean()])
+    return st, [grad.to(param_dtype)]
+
+
+def boundary_blocks_state():
+    """With β1 = β2 = 0 (m = g, √v = |g|), blocks whose smallest |m|/max is exactly 2^−14 (m's smallest normal
+    code: no subnormal branch needed) or one float32 ulp below it (one needed), and their codes after a step."""
+    tiny = torch.tensor(2.0 ** -14)
+    rows = []
+    for x in (tiny, torch.nextafter(tiny, torch.tensor(0.0)), tiny * 2):
+        r = torch.linspace(0.5, 1.0, 128)
+        r[0], r[40] = 1.0, x
+        rows.append(torch.cat([r, -r]).reshape(2, 128) * 2)
+    grad = torch.cat(rows)
+    st = q8_state([tuple(grad.shape)], warm=False)
+    return st, [grad]
+
+
+@needs_cpp
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("decay", ["prox", "l2"])
+def test_every_kind_of_block_steps_as_decode_fp32_step_encode(param_dtype, decay):
+    """Blocks with and without subnormal codes, zero, NaN, infinite, −0 and huge-scale blocks, and blocks on the
+    boundary of the normal codes, each stepped by the 8-bit kernel bit for bit as (reference decode → the kernel's
+    fp32 step → reference encode), NaNs compared by their bits."""
+    from cpu_forms import as_bits
+    for st, grads, kw in [(*special_blocks_state(param_dtype), hyper(decay)),
+                          (*boundary_blocks_state(), hyper(decay, beta1=0.0, beta2=0.0))]:
+        if st["params"][0].dtype != param_dtype:
+            st["params"] = [p.to(param_dtype) for p in st["params"]]
+            grads = [x.to(param_dtype) for x in grads]
+        a, b = clone_state(st), clone_state(st)
+        for k in range(3):
+            sa = step_q8(kernel(0), a, grads, **kw)
+            sb = step_via_fp32(kernel(0), b, grads, **kw)
+            assert torch.equal(as_bits(sa), as_bits(sb)), f"step {k}: sums"
+            for key in a:
+                for i, (x, y) in enumerate(zip(a[key], b[key])):
+                    assert torch.equal(as_bits(x), as_bits(y)), f"step {k}: {key}[{i}]"
+        assert torch.isnan(a["exp_avg_scales"][0]).any() or kw["beta1"] == 0.0
+
+
 @needs_cpp
 def test_thread_count_and_rerun_do_not_change_bits():
     shapes = [(1024, 768), (300, 128)]
