@@ -107,3 +107,22 @@ def test_kernel_direct_builds_and_prints_a_row_per_case(tmp_path):
     assert bad.returncode == 2 and "multiple of 128" in bad.stderr
     bad = subprocess.run([str(tmp_path / "kd"), "1024", "1", "0", "1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "at least 1" in bad.stderr
+
+
+def test_step_breakdown_prints_both_optimizers_and_each_op_call():
+    """bench/step_breakdown.py times AdamHD's and torch's fused AdamW's steps (cold and back to back, with and without
+    the kernels) and our op calls inside the step: one call per bucket, here 8-bit and full-precision moments."""
+    env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "python"))
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "step_breakdown.py"), "--param-set", "gpt-tiny",
+                          "--rounds", "1", "--threads", "1"], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {r[0]: r[1:] for r in ([c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines()
+                                  if line.startswith("| ") and not line.startswith("| optimizer"))}
+    assert sorted(rows) == ["AdamHD prox+EMA (8-bit state)", "torch AdamW fused"], out.stdout
+    ours = rows["AdamHD prox+EMA (8-bit state)"]
+    assert len(ours[2].split(" + ")) == 2 and all(float(x) > 0 for x in ours[2].split(" + ")), ours
+    assert all(float(x) > 0 for r in rows.values() for x in (r[0], r[1], r[3], r[4]))
+    bad = subprocess.run([sys.executable, os.path.join(BENCH, "step_breakdown.py"), "--rounds", "0"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and "at least 1" in bad.stderr
