@@ -10,6 +10,7 @@
 //   fusedecay::abs_sums_          Σ|x| per tensor by the kernels' own two-level reduction (AdamHD's μ_0 = mean|θ_0|)
 //   fusedecay::_increment_steps_  t ← t + 1 for a list of float32 CPU step counters in one call (torch's foreach
 //                                 add runs one small op per tensor on the CPU: ~1.4 µs each)
+//   fusedecay::_cpu_kernel_config [AVX-512 form runs (1/0), software prefetch distance] of this process, for tests
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -192,6 +193,12 @@ void abs_sums_cpu(at::TensorList tensors, const at::Tensor& out, int64_t chunk_s
   }
 }
 
+// [1 if the AVX-512 vector form runs else 0, software prefetch distance]: what FUSEDECAY_CPU_VECTORS and
+// FUSEDECAY_CPU_PREFETCH made of this process's CPU kernel, for tests that set them in a subprocess.
+std::vector<int64_t> cpu_kernel_config_op() {
+  return {cpu::runs_avx512_form() ? 1 : 0, cpu::software_prefetch_distance()};
+}
+
 }  // namespace
 }  // namespace fusedecay
 
@@ -202,6 +209,7 @@ TORCH_LIBRARY(fusedecay, m) {
   m.def("_chunk_table(int[] numels, int chunk_size=0) -> Tensor", &fusedecay::chunk_table_op);
   m.def("_sum_partials(Tensor partials, int[] numels, int chunk_size=0) -> Tensor", &fusedecay::sum_partials_op);
   m.def("_increment_steps_(Tensor(a!)[] steps) -> ()");
+  m.def("_cpu_kernel_config() -> int[]", &fusedecay::cpu_kernel_config_op);
 }
 
 TORCH_LIBRARY_IMPL(fusedecay, CPU, m) {

@@ -6,7 +6,7 @@ baseline clones, other architectures), which must give the same bits. ``FUSEDECA
 AVX-512 CPU run the split form (its AVX2 clone), so tests/test_state8.py runs this
 module twice — in its own process and in a subprocess with that variable — and compares the bits.
 
-    python tests/cpu_forms.py OUT.pt      # the subprocess side
+    python tests/cpu_forms.py OUT.pt      # the subprocess side: its outputs and kernel_config()
 """
 import os
 import sys
@@ -91,5 +91,12 @@ def as_bits(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def kernel_config() -> dict:
+    """What this process's CPU kernel runs (fusedecay::_cpu_kernel_config): its AVX-512 vector form or not, and the
+    software prefetch distance — so that a test can check that the environment it set took effect."""
+    avx512, prefetch = torch.ops.fusedecay._cpu_kernel_config()
+    return {"avx512_form": bool(avx512), "prefetch": int(prefetch)}
+
+
 if __name__ == "__main__":
-    torch.save(run(), sys.argv[1])
+    torch.save({"outputs": run(), "config": kernel_config()}, sys.argv[1])

@@ -685,8 +685,9 @@ def test_bad_state_bits_raise(bits):
 
 
 def _cpu_forms_here_and_in_a_subprocess(tmp_path, **env):
-    """tests/cpu_forms.py's outputs from this process, and the names of those that differ in any bit from the same run
-    in a subprocess with ``env`` added to its environment."""
+    """tests/cpu_forms.py's outputs from this process, the names of those that differ in any bit from the same run
+    in a subprocess with ``env`` added to its environment, and the kernel configuration of each side (what the
+    kernel runs: cpu_forms.kernel_config())."""
     import subprocess
     import sys
     import cpu_forms
@@ -694,9 +695,25 @@ def _cpu_forms_here_and_in_a_subprocess(tmp_path, **env):
     path = tmp_path / "other.pt"
     subprocess.run([sys.executable, cpu_forms.__file__, str(path)], check=True, env=dict(os.environ, **env),
                    timeout=300)
-    other = torch.load(path)
+    saved = torch.load(path)
+    other = saved["outputs"]
     assert sorted(other) == sorted(here)
-    return here, [k for k in here if not torch.equal(cpu_forms.as_bits(here[k]), cpu_forms.as_bits(other[k]))]
+    differ = [k for k in here if not torch.equal(cpu_forms.as_bits(here[k]), cpu_forms.as_bits(other[k]))]
+    return here, differ, (cpu_forms.kernel_config(), saved["config"])
+
+
+def _cpu_has_avx512_form() -> bool:
+    """Whether this machine can run the CPU kernel's AVX-512 form: x86-64 Linux (the build that has it: GCC, which
+    the extension is built with here) and the five AVX-512 subsets it needs, from /proc/cpuinfo."""
+    import platform
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return all(f in flags for f in ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"))
 
 
 @needs_cpp
@@ -706,8 +723,12 @@ def test_both_vector_forms_of_the_cpu_kernel_give_the_same_bits(tmp_path):
     subnormals and values across 40 binades, for 8-bit, fp32 and bf16 moments, fp32 and bf16 params, three decays.
     The subprocess runs the split form (FUSEDECAY_CPU_VECTORS=split); this process the form its CPU picks, so on
     a CPU without AVX-512 both sides run the split form and this checks only that reruns agree."""
-    here, differ = _cpu_forms_here_and_in_a_subprocess(tmp_path, FUSEDECAY_CPU_VECTORS="split")
+    here, differ, (config_here, config_other) = _cpu_forms_here_and_in_a_subprocess(tmp_path,
+                                                                                 FUSEDECAY_CPU_VECTORS="split")
     assert not differ, differ[:10]
+    assert not config_other["avx512_form"]                         # the subprocess did run the split form
+    if _cpu_has_avx512_form() and os.environ.get("FUSEDECAY_CPU_VECTORS") != "split":
+        assert config_here["avx512_form"], config_here             # and this process the AVX-512 one
     assert any(torch.isnan(t).any() for t in here.values() if t.is_floating_point())   # the special values got in
 
 
@@ -720,9 +741,12 @@ def test_software_prefetch_distance_changes_no_bit_and_a_bad_value_raises(tmp_pa
     import subprocess
     import sys
     import cpu_forms
-    # this process runs the default distance (512 on Intel, 0 elsewhere), the subprocess 64
-    _, differ = _cpu_forms_here_and_in_a_subprocess(tmp_path, FUSEDECAY_CPU_PREFETCH="64")
+    # this process runs its distance (by default 512 on Intel, 0 elsewhere), the subprocess another one
+    other = 128 if cpu_forms.kernel_config()["prefetch"] == 64 else 64
+    _, differ, (config_here, config_other) = _cpu_forms_here_and_in_a_subprocess(tmp_path,
+                                                                                 FUSEDECAY_CPU_PREFETCH=str(other))
     assert not differ, differ[:10]
+    assert config_other["prefetch"] == other != config_here["prefetch"], (config_here, config_other)
     probe = (
         "import sys, torch; sys.path.insert(0, sys.argv[1])\n"
         "from fusedecay import _cpp_backend as cpp\n"

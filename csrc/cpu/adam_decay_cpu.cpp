@@ -985,6 +985,9 @@ constexpr int64_t kMinElementsPerThread = 32768;
 
 }  // namespace
 
+bool runs_avx512_form() { return zmm_clones(); }
+int64_t software_prefetch_distance() { return cpu_prefetch_distance(); }
+
 template <typename T>
 void run_adam_decay(const KernelScalars<T>& ks, int param_kind, int moment_kind, const TensorMeta* metas,
                     const ChunkRef* chunks, int64_t num_chunks, int64_t chunk_size, double* partials) {
