@@ -22,7 +22,6 @@ from .. import distributed as _dist
 from ..functional import DELTA_MODES, UPDATES, _mu_dtype, adam_decay, init_delta_mu
 from . import _checkpoint as C
 from . import _state_format as SF
-from ._step import hooked_step
 
 class _AdamDecayBase(Optimizer):
     """Shared machinery; subclasses set ``_decay_of(group)``."""
@@ -126,7 +125,6 @@ class _AdamDecayBase(Optimizer):
         """μ^(l)_0 = mean|θ_0| (the global mean over all shards for a DTensor param), reduced in a fixed order."""
         return _dist.init_delta_mu(p, backend) if _dist.is_dtensor(p) else init_delta_mu(p, backend)
 
-    @hooked_step
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

@@ -20,7 +20,6 @@ from .. import distributed as _dist
 from ..functional import scionc
 from ..reference.scion import LMO_KINDS, MATRIX_VIEWS, NS_KINDS
 from . import _checkpoint as C
-from ._step import hooked_step
 
 # Options added after checkpoints were first saved, and what a saved group (or an unpickled optimizer) without
 # one did: "auto" matrices, buffers in the param's dtype.
@@ -165,7 +164,6 @@ class ScionC(Optimizer):
     def _check_step_inputs(self) -> None:
         V.step_inputs(self, "momentum_buffer")
 
-    @hooked_step
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
