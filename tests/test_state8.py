@@ -379,17 +379,19 @@ def special_blocks_state(param_dtype):
     return st, [grad.to(param_dtype)]
 
 
-def boundary_blocks_state():
+def boundary_blocks_state(param_dtype):
     """With β1 = β2 = 0 (m = g, √v = |g|), blocks whose smallest |m|/max is exactly 2^−14 (m's smallest normal
-    code: no subnormal branch needed) or one float32 ulp below it (one needed), and their codes after a step."""
-    tiny = torch.tensor(2.0 ** -14)
+    code: no subnormal branch needed), twice that, or in the binade below it (2^−15, 1.5·2^−15: subnormal codes 4
+    and 6, where the normal branch alone would give other codes), and their codes after a step. The values are
+    exact in the param dtype."""
+    tiny = 2.0 ** -14
     rows = []
-    for x in (tiny, torch.nextafter(tiny, torch.tensor(0.0)), tiny * 2):
-        r = torch.linspace(0.5, 1.0, 128)
+    for x in (tiny, tiny * 2, tiny / 2, tiny * 0.75):
+        r = torch.linspace(0.5, 1.0, 128, dtype=param_dtype)
         r[0], r[40] = 1.0, x
         rows.append(torch.cat([r, -r]).reshape(2, 128) * 2)
     grad = torch.cat(rows)
-    st = q8_state([tuple(grad.shape)], warm=False)
+    st = q8_state([tuple(grad.shape)], warm=False, param_dtype=param_dtype)
     return st, [grad]
 
 
@@ -402,10 +404,7 @@ def test_every_kind_of_block_steps_as_decode_fp32_step_encode(param_dtype, decay
     fp32 step → reference encode), NaNs compared by their bits."""
     from cpu_forms import as_bits
     for st, grads, kw in [(*special_blocks_state(param_dtype), hyper(decay)),
-                          (*boundary_blocks_state(), hyper(decay, beta1=0.0, beta2=0.0))]:
-        if st["params"][0].dtype != param_dtype:
-            st["params"] = [p.to(param_dtype) for p in st["params"]]
-            grads = [x.to(param_dtype) for x in grads]
+                          (*boundary_blocks_state(param_dtype), hyper(decay, beta1=0.0, beta2=0.0))]:
         a, b = clone_state(st), clone_state(st)
         for k in range(3):
             sa = step_q8(kernel(0), a, grads, **kw)

@@ -443,13 +443,11 @@ FD_ZMM_TARGET inline bool block_codes_normal_zmm(const int8_t* m, const uint8_t*
   const __m512i av = _mm512_min_epu8(_mm512_loadu_si512(v), _mm512_loadu_si512(v + 64));
   return _mm512_cmplt_epu8_mask(_mm512_min_epu8(am, av), _mm512_set1_epi8(1 << state8::kMantissaBits)) == 0;
 }
-// state8::f8_decode<E, kNormal = true> of |c| with vpabsd: in generic code GCC takes |c| on the bytes and widens them a
-// second time (one operation more).
+// state8::f8_decode<E, kNormal = true> of |c|, |c| by vpabsd: from state8's fd_abs_code GCC takes |c| on the bytes and
+// widens them a second time (one operation more).
 template <int E>
 FD_ZMM_TARGET inline f32x16 f8_decode_normal_abs_zmm(i32x16 c) {
-  using F = state8::F8Format<E>;
-  const __m512i a = _mm512_abs_epi32((__m512i)c);
-  return (f32x16)_mm512_slli_epi32(_mm512_add_epi32(a, _mm512_set1_epi32(F::kExpOffset)), F::kShift);
+  return state8::f8_decode<E, true>(I16<kZmmVectors>{{(i32x16)_mm512_abs_epi32((__m512i)c)}}).v[0];
 }
 // 16 codes in 0…2^31 to bytes with unsigned saturation at 255 (vpmovusdb).
 FD_ZMM_TARGET inline void store_codes_saturated(uint8_t* p, I16<kZmmVectors> c) {
