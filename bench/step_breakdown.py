@@ -81,7 +81,7 @@ def main() -> None:
             cpp.CPU_BACKEND.adam_decay = real_op
             torch._fused_adamw_ = real_fused
         med = {k: [statistics.median(x) * 1e3 for x in v[:2]] for k, v in out.items()}
-        for k, v in out.items():   # the op calls one by one (one per bucket: 8-bit moments, full-precision moments)
+        for k, v in out.items():   # the op calls one by one (on the CPU one per param group)
             med[k].append([statistics.median(c[i] for c in v[2]) * 1e3 for i in range(min(map(len, v[2])))])
         return med
 

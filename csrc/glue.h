@@ -22,11 +22,12 @@ namespace fusedecay {
 // The op schema, shared by both extensions (the CPU extension defines it).
 constexpr const char* kAdamDecaySchema =
     "adam_decay_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-    "Tensor[] state_steps, Tensor(e!)[]? delta_mus, Tensor(d!)? abs_sums, *, float lr, Tensor? lr_tensor, "
+    "Tensor(h!)[] state_steps, Tensor(e!)[]? delta_mus, Tensor(d!)? abs_sums, *, float lr, Tensor? lr_tensor, "
     "float beta1, float beta2, float eps, float weight_decay, str decay, float? delta_fixed, "
     "float delta_scale, float? max_lr, Tensor? max_lr_tensor, bool bias_correction, bool maximize, "
     "Tensor? grad_scale, Tensor? found_inf, int chunk_size=0, Tensor(f!)[]? exp_avg_scales=None, "
-    "Tensor(g!)[]? exp_avg_sq_scales=None, float? delta_beta=None, int[]? mu_numels=None) -> ()";
+    "Tensor(g!)[]? exp_avg_sq_scales=None, float? delta_beta=None, int[]? mu_numels=None, "
+    "bool increment_steps=False) -> ()";
 
 inline int parse_decay(const std::string& decay) {
   if (decay == "l2") return kDecayL2;
@@ -94,7 +95,8 @@ inline void check_scalar_tensor(const char* name, const at::Tensor& t) {
 }
 
 // 8-bit state of params[i] (csrc/state8.h): int8/uint8 codes shaped like the param and fp32 block scales.
-inline void check_state8(size_t i, const at::Tensor& p, const at::Tensor& m, const at::Tensor& v,
+// k: the entry's index in the scale lists (params[i] is the k-th param with 8-bit state of the launch).
+inline void check_state8(size_t i, size_t k, const at::Tensor& p, const at::Tensor& m, const at::Tensor& v,
                          const at::Tensor& ms, const at::Tensor& vs, int64_t chunk_size) {
   TORCH_CHECK_VALUE(m.scalar_type() == at::kChar && v.scalar_type() == at::kByte, "Invalid exp_avgs[", i,
                     "]: 8-bit state needs int8 exp_avg and uint8 exp_avg_sq codes, got ", m.scalar_type(), " and ",
@@ -107,8 +109,8 @@ inline void check_state8(size_t i, const at::Tensor& p, const at::Tensor& m, con
   for (const at::Tensor* sc : {&ms, &vs}) {
     TORCH_CHECK_VALUE(sc->scalar_type() == at::kFloat && sc->device() == p.device() && sc->numel() == blocks &&
                           sc->is_contiguous(),
-                      "Invalid ", sc == &ms ? "exp_avg_scales[" : "exp_avg_sq_scales[", i,
-                      "]: expected a contiguous float32 tensor of ", blocks, " elements on ", p.device(), ", got ",
+                      "Invalid ", sc == &ms ? "exp_avg_scales[" : "exp_avg_sq_scales[", k, "] (of params[", i,
+                      "]): expected a contiguous float32 tensor of ", blocks, " elements on ", p.device(), ", got ",
                       sc->scalar_type(), " of shape ", sc->sizes(), " on ", sc->device());
   }
   TORCH_CHECK_VALUE(chunk_size % state8::kBlock == 0, "Invalid chunk_size: ", chunk_size,
@@ -140,12 +142,17 @@ inline Prepared prepare_adam_decay(const at::TensorList params, const at::Tensor
                     "Invalid chunk_size: ", chunk_size, " (0 for the default, else a positive multiple of ",
                     kChunkSizeMultiple, ")");
   out.needs_mu = out.decay != kDecayL2 && !delta_fixed.has_value();
-  const bool state8 = exp_avg_scales.has_value();
-  TORCH_CHECK_VALUE(state8 == exp_avg_sq_scales.has_value(),
+  // 8-bit state is per tensor: the entries whose exp_avgs are int8 codes. The scale lists hold their block scales,
+  // in order, one per such entry (so a launch may mix 8-bit and full-precision moments).
+  const bool has_scales = exp_avg_scales.has_value();
+  TORCH_CHECK_VALUE(has_scales == exp_avg_sq_scales.has_value(),
                     "Invalid exp_avg_scales: exp_avg_scales and exp_avg_sq_scales must be given together");
-  if (state8) {
-    TORCH_CHECK_VALUE(exp_avg_scales->size() == n && exp_avg_sq_scales->size() == n, "Invalid exp_avg_scales: ",
-                      exp_avg_scales->size(), " and ", exp_avg_sq_scales->size(), " entries for ", n, " params");
+  size_t num_state8 = 0;
+  for (size_t i = 0; i < n; ++i) num_state8 += exp_avgs[i].scalar_type() == at::kChar;
+  if (has_scales) {
+    TORCH_CHECK_VALUE(exp_avg_scales->size() == num_state8 && exp_avg_sq_scales->size() == num_state8,
+                      "Invalid exp_avg_scales: ", exp_avg_scales->size(), " and ", exp_avg_sq_scales->size(),
+                      " entries for ", num_state8, " params with 8-bit (int8) exp_avgs");
   }
   if (delta_beta.has_value()) {
     TORCH_CHECK_VALUE(out.needs_mu, "Invalid delta_beta: the fused μ update needs decay 'prox' or 'euler' "
@@ -181,11 +188,15 @@ inline Prepared prepare_adam_decay(const at::TensorList params, const at::Tensor
                       s.sizes());
   }
 
+  size_t next_scale = 0;  // index into the scale lists of the next 8-bit entry
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
     const at::Tensor& m = exp_avgs[i];
     const at::Tensor& v = exp_avg_sqs[i];
+    const bool is_state8 = m.scalar_type() == at::kChar;
+    const at::Tensor* m_scale = nullptr;
+    const at::Tensor* v_scale = nullptr;
     TORCH_CHECK_VALUE(p.device() == out.device && p.scalar_type() == out.param_dtype,
                       "Invalid params[", i, "]: all params of one launch must share device and dtype (", out.device,
                       ", ", out.param_dtype, "), got ", p.device(), ", ", p.scalar_type());
@@ -198,11 +209,14 @@ inline Prepared prepare_adam_decay(const at::TensorList params, const at::Tensor
                       "]: expected shape ", p.sizes(), " on ", out.device);
     TORCH_CHECK_VALUE(v.device() == out.device && v.sizes().equals(p.sizes()), "Invalid exp_avg_sqs[", i,
                       "]: expected shape ", p.sizes(), " on ", out.device);
-    if (state8) {
-      check_state8(i, p, m, v, (*exp_avg_scales)[i], (*exp_avg_sq_scales)[i], out.chunk_size);
-    } else {
-      TORCH_CHECK_VALUE(m.scalar_type() != at::kChar, "Invalid exp_avgs[", i,
+    if (is_state8) {
+      TORCH_CHECK_VALUE(has_scales, "Invalid exp_avgs[", i,
                         "]: int8 moments are 8-bit state and need exp_avg_scales / exp_avg_sq_scales");
+      m_scale = &(*exp_avg_scales)[next_scale];
+      v_scale = &(*exp_avg_sq_scales)[next_scale];
+      ++next_scale;
+      check_state8(i, next_scale - 1, p, m, v, *m_scale, *v_scale, out.chunk_size);
+    } else {
       TORCH_CHECK_VALUE(m.scalar_type() == v.scalar_type(), "Invalid exp_avg_sqs[", i, "]: dtype ", v.scalar_type(),
                         " differs from exp_avgs[", i, "] (", m.scalar_type(), ")");
     }
@@ -223,7 +237,7 @@ inline Prepared prepare_adam_decay(const at::TensorList params, const at::Tensor
 
     at::Tensor pw = p, gw = g, mw = m, vw = v;
     // 8-bit blocks are defined in row-major order: such tensors are walked in place only when contiguous.
-    const bool dense = state8 ? p.is_contiguous() : p.is_non_overlapping_and_dense();
+    const bool dense = is_state8 ? p.is_contiguous() : p.is_non_overlapping_and_dense();
     const bool direct = dense && same_dense_layout(p, g) && same_dense_layout(p, m) && same_dense_layout(p, v);
     if (!direct && p.numel() > 0) {
       // Walk contiguous copies and write params/moments back afterwards (rare: sliced or
@@ -242,8 +256,8 @@ inline Prepared prepare_adam_decay(const at::TensorList params, const at::Tensor
     meta.grad = gw.data_ptr();
     meta.exp_avg = mw.data_ptr();
     meta.exp_avg_sq = vw.data_ptr();
-    meta.exp_avg_scale = state8 ? (*exp_avg_scales)[i].data_ptr<float>() : nullptr;
-    meta.exp_avg_sq_scale = state8 ? (*exp_avg_sq_scales)[i].data_ptr<float>() : nullptr;
+    meta.exp_avg_scale = is_state8 ? m_scale->data_ptr<float>() : nullptr;
+    meta.exp_avg_sq_scale = is_state8 ? v_scale->data_ptr<float>() : nullptr;
     meta.step = st.data_ptr<float>();
     meta.mu = mu_ptr;
     meta.mu_numel = static_cast<double>(std::max<int64_t>(mu_numels.has_value() ? (*mu_numels)[i] : p.numel(), 1));

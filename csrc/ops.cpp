@@ -60,13 +60,18 @@ void adam_decay_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                     int64_t chunk_size, std::optional<at::TensorList> exp_avg_scales,
                     std::optional<at::TensorList> exp_avg_sq_scales, std::optional<double> delta_beta,
-                    std::optional<c10::IntArrayRef> mu_numels) {
+                    std::optional<c10::IntArrayRef> mu_numels, bool increment_steps) {
   check_hyper(beta1, beta2, eps, weight_decay, delta_scale, delta_fixed, max_lr);
   Prepared prep = prepare_adam_decay(params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, abs_sums,
                                      std::string(decay), delta_fixed, chunk_size, c10::DeviceType::CPU,
                                      exp_avg_scales, exp_avg_sq_scales, delta_beta, mu_numels);
   if (params.empty()) return;
   const ScalarInputs sc = prepare_scalars(prep, lr, lr_tensor, max_lr, max_lr_tensor, grad_scale, found_inf);
+  // t ← t + 1 here, after every check, instead of in a call of its own before this one; a step with found_inf set
+  // does not count (nothing is written).
+  if (increment_steps && !(sc.found_inf != nullptr && *sc.found_inf != 0.0f)) {
+    for (const at::Tensor& t : state_steps) *t.data_ptr<float>() += 1.0f;  // the same rounding as torch's add of 1
+  }
   if (prep.math_dtype == at::kDouble) {
     run_cpu<double>(prep, sc, abs_sums, beta1, beta2, eps, weight_decay, delta_fixed, delta_scale, bias_correction,
                     maximize, delta_beta);
@@ -84,7 +89,7 @@ void adam_decay_meta(at::TensorList, at::TensorList, at::TensorList, at::TensorL
                      std::optional<double>, double, std::optional<double>, const std::optional<at::Tensor>&, bool, bool,
                      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
                      std::optional<at::TensorList>, std::optional<at::TensorList>, std::optional<double>,
-                     std::optional<c10::IntArrayRef>) {}
+                     std::optional<c10::IntArrayRef>, bool) {}
 
 std::vector<TensorMeta> metas_of(c10::IntArrayRef numels) {
   std::vector<TensorMeta> metas(numels.size());

@@ -111,7 +111,8 @@ def test_kernel_direct_builds_and_prints_a_row_per_case(tmp_path):
 
 def test_step_breakdown_prints_both_optimizers_and_each_op_call():
     """bench/step_breakdown.py times AdamHD's and torch's fused AdamW's steps (cold and back to back, with and without
-    the kernels) and our op calls inside the step: one call per bucket, here 8-bit and full-precision moments."""
+    the kernels) and our op calls inside the step: on the CPU one call per param group, 8-bit and full-precision
+    moments together."""
     env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "python"))
     env.pop("TRITON_INTERPRET", None)
     out = subprocess.run([sys.executable, os.path.join(BENCH, "step_breakdown.py"), "--param-set", "gpt-tiny",
@@ -121,7 +122,7 @@ def test_step_breakdown_prints_both_optimizers_and_each_op_call():
                                   if line.startswith("| ") and not line.startswith("| optimizer"))}
     assert sorted(rows) == ["AdamHD prox+EMA (8-bit state)", "torch AdamW fused"], out.stdout
     ours = rows["AdamHD prox+EMA (8-bit state)"]
-    assert len(ours[2].split(" + ")) == 2 and all(float(x) > 0 for x in ours[2].split(" + ")), ours
+    assert len(ours[2].split(" + ")) == 1 and float(ours[2]) > 0, ours
     assert all(float(x) > 0 for r in rows.values() for x in (r[0], r[1], r[3], r[4]))
     bad = subprocess.run([sys.executable, os.path.join(BENCH, "step_breakdown.py"), "--rounds", "0"],
                          capture_output=True, text=True, env=env, timeout=300)

@@ -114,8 +114,12 @@ def test_step_is_one_graph_with_the_fused_op_inside(monkeypatch):
         step()
         ns["opt"].zero_grad()
     targets = [{str(n.target) for n in gm.graph.nodes if n.op == "call_function"} for gm in graphs]
-    # The step increment: torch's foreach add, or on the CPU the extension's one-call _increment_steps_.
+    # The step increment: torch's foreach add, the extension's one-call _increment_steps_, or — the CPU kernel —
+    # inside the op itself (increment_steps=True; its schema marks the steps as written).
+    inside = backends.resolve("auto", torch.device("cpu"), torch.float32).increments_steps
     whole = [t for t in targets if "fusedecay.adam_decay_" in t
-             and any("_foreach_add_" in x or "_increment_steps_" in x for x in t)]
+             and (inside or any("_foreach_add_" in x or "_increment_steps_" in x for x in t))]
     assert whole, f"no graph holds both the step increments and the fused op: {targets}"
+    steps = {float(st["step"]) for st in ns["opt"].state.values()}
+    assert steps == {3.0}, f"3 compiled steps left the step counters at {steps}"
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fusedecay::adam_decay_", "Meta")

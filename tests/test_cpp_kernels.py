@@ -517,6 +517,37 @@ def test_non_finite_values_match_the_reference(decay):
             assert_close(a[fin], b[fin], dtype=torch.float32, msg=name)
 
 
+def test_steps_incremented_inside_the_update_op():
+    """``increment_steps=True`` (the CPU backend's call from functional.adam_decay): t ← t + 1 inside the op, after its
+    checks. The same params, moments, sums and steps as incrementing before the call; nothing at all (steps included)
+    with found_inf set or when a check fails."""
+    shapes = [(4097,), (7,), (0,), (33, 65)]
+    st = make_state(shapes, torch.float32)
+    grads = make_grads(shapes, 3, torch.float32)
+    before = run_contract(kernel(), st.clone(), grads, delta_beta=None, **hyper("prox"))
+    inside = st.clone()
+    for gs in grads:
+        sums = torch.full((len(shapes),), float("nan"))
+        cpp.adam_decay(inside.params, gs, inside.exp_avgs, inside.exp_avg_sqs, inside.steps, inside.mus, sums,
+                       chunk_size=64, increment_steps=True, **hyper("prox"))
+        inside.sums.append(sums)
+    assert_states_equal(inside, before)
+    assert [float(t) for t in inside.steps] == [6.0] * len(shapes)
+
+    skipped = st.clone()
+    cpp.adam_decay(skipped.params, grads[0], skipped.exp_avgs, skipped.exp_avg_sqs, skipped.steps, skipped.mus,
+                   torch.empty(len(shapes)), increment_steps=True, **hyper("prox", found_inf=torch.tensor(1.0)))
+    assert_states_equal(skipped, st)
+    bad = st.clone()
+    with pytest.raises(ValueError, match=r"grads\[1\]"):
+        cpp.adam_decay(bad.params, [grads[0][0], torch.randn(8)] + grads[0][2:], bad.exp_avgs, bad.exp_avg_sqs,
+                       bad.steps, bad.mus, torch.empty(len(shapes)), increment_steps=True, **hyper("prox"))
+    with pytest.raises(ValueError, match="found_inf"):
+        cpp.adam_decay(bad.params, grads[0], bad.exp_avgs, bad.exp_avg_sqs, bad.steps, bad.mus,
+                       torch.empty(len(shapes)), increment_steps=True, **hyper("prox", found_inf=torch.ones(2)))
+    assert_states_equal(bad, st)
+
+
 def test_increment_steps_op():
     """The CPU step increment (functional.adam_decay's t ← t + 1 on the CPU) = torch's add of 1, and checks dtypes."""
     steps = [torch.tensor(0.0), torch.tensor(16777216.0), torch.tensor(3.5)]

@@ -321,6 +321,33 @@ def test_state8_matches_cpu_kernel_every_step(decay, param_dtype, chunk_size):
         st = want
 
 
+def test_one_call_mixing_8bit_and_full_precision_state_equals_a_call_per_format():
+    """The CUDA backend takes 8-bit and full-precision entries in one call (one launch group per format): the same
+    bits as one call per format."""
+    from test_state8 import clone_state, grads_for, hyper as hyper8, mixed_state, step_q8, step_split_by_format
+    st, shapes = mixed_state(torch.float32, seed=3)
+    st = {k: [None if x is None else x.to(DEV) for x in xs] for k, xs in st.items()}
+    one, split = clone_state(st), clone_state(st)
+    for k in range(2):
+        grads = [g.to(DEV) for g in grads_for(shapes, seed=70 + k)]
+        s_one = step_q8(kernel(256), one, grads, **hyper8("prox"))
+        s_split = step_split_by_format(kernel(256), split, grads, **hyper8("prox"))
+        assert torch.equal(s_one, s_split.to(DEV))
+        for name in one:
+            for x, y in zip(one[name], split[name]):
+                assert (x is None and y is None) or torch.equal(x, y), name
+
+
+def test_increment_steps_is_refused():
+    """``increment_steps`` is the CPU kernel's: the CUDA op raises before writing anything."""
+    st = make_state([(7,), (300,)], torch.float32, device=DEV)
+    before = st.clone()
+    with pytest.raises(ValueError, match="increment_steps"):
+        cpp.adam_decay(st.params, make_grads([(7,), (300,)], 1, torch.float32, device=DEV)[0], st.exp_avgs,
+                       st.exp_avg_sqs, st.steps, st.mus, None, increment_steps=True, **hyper("prox"))
+    assert_states_equal(st, before)
+
+
 def test_state8_found_inf_writes_nothing():
     from test_state8 import Q_SHAPES, clone_state, grads_for, hyper as hyper8, q8_state, step_q8
     st = {name: [x.to(DEV) for x in xs] for name, xs in q8_state(Q_SHAPES, seed=12).items()}

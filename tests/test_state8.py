@@ -198,7 +198,7 @@ def q8_state(shapes, seed=0, param_dtype=F32, warm=True):
 
 
 def clone_state(st):
-    return {k: [x.clone() for x in v] for k, v in st.items()}
+    return {k: [None if x is None else x.clone() for x in v] for k, v in st.items()}
 
 
 def grads_for(shapes, seed=1, dtype=F32):
@@ -213,10 +213,17 @@ def hyper(decay="prox", **over):
     return kw
 
 
+def _device_of(st):
+    """Where the kernel runs (Σ|θ| goes there too)."""
+    return st["params"][0].device if st["params"] else torch.device("cpu")
+
+
 def step_q8(impl, st, grads, delta_beta=0.9, **kw):
-    """One step of an 8-bit contract implementation on ``st`` (in place); returns Σ|θ_t| per tensor."""
-    torch._foreach_add_(st["steps"], 1)
-    sums = torch.full((len(st["params"]),), float("nan"))
+    """One step of an 8-bit contract implementation on ``st`` (in place); returns Σ|θ_t| per tensor. With
+    ``increment_steps=True`` the implementation increments the steps itself."""
+    if not kw.get("increment_steps", False):
+        torch._foreach_add_(st["steps"], 1)
+    sums = torch.full((len(st["params"]),), float("nan"), device=_device_of(st))
     tracks = kw["decay"] != "l2" and kw.get("delta_fixed") is None
     impl(st["params"], grads, st["exp_avgs"], st["exp_avg_sqs"], st["steps"], st["mus"] if tracks else None, sums,
          exp_avg_scales=st["exp_avg_scales"], exp_avg_sq_scales=st["exp_avg_sq_scales"],
@@ -229,7 +236,7 @@ def step_via_fp32(impl, st, grads, delta_beta=0.9, **kw):
     m = [S.dequantize_exp_avg(c, s) for c, s in zip(st["exp_avgs"], st["exp_avg_scales"])]
     v = [S.dequantize_exp_avg_sq(c, s) for c, s in zip(st["exp_avg_sqs"], st["exp_avg_sq_scales"])]
     torch._foreach_add_(st["steps"], 1)
-    sums = torch.full((len(st["params"]),), float("nan"))
+    sums = torch.full((len(st["params"]),), float("nan"), device=_device_of(st))
     tracks = kw["decay"] != "l2" and kw.get("delta_fixed") is None
     impl(st["params"], grads, m, v, st["steps"], st["mus"] if tracks else None, sums,
          delta_beta=delta_beta if tracks else None, **kw)
@@ -242,7 +249,7 @@ def step_via_fp32(impl, st, grads, delta_beta=0.9, **kw):
 def assert_equal_states(a, b, what=""):
     for k in a:
         for i, (x, y) in enumerate(zip(a[k], b[k])):
-            assert torch.equal(x, y), f"{what}: {k}[{i}]"
+            assert (x is None and y is None) or torch.equal(x, y), f"{what}: {k}[{i}]"
 
 
 def kernel(chunk_size):
@@ -535,6 +542,97 @@ def test_bad_sizes_and_chunk_size_for_8bit_state():
                        chunk_size=64, **hyper("l2"))
 
 
+def mixed_state(param_dtype, seed=0):
+    """A launch's lists mixing 8-bit entries (scales given) and full-precision ones (scale entries None), in an
+    interleaved order, with odd, empty and multi-chunk sizes on both sides."""
+    q8 = q8_state(Q_SHAPES, seed=seed, param_dtype=param_dtype)
+    full_shapes = [(7,), (0,), (300,), (33, 65)]
+    g = torch.Generator().manual_seed(seed + 100)
+    order = [("q", 0), ("f", 0), ("q", 1), ("q", 2), ("f", 1), ("q", 3), ("f", 2), ("q", 4), ("f", 3), ("q", 5)]
+    st = {k: [] for k in q8}
+    shapes = []
+    for kind, i in order:
+        if kind == "q":
+            for k in q8:
+                st[k].append(q8[k][i])
+            shapes.append(Q_SHAPES[i])
+        else:
+            s = full_shapes[i]
+            st["params"].append((torch.randn(s, generator=g) * 0.5).to(param_dtype))
+            st["exp_avgs"].append((torch.randn(s, generator=g) * 1e-2).to(param_dtype))
+            st["exp_avg_sqs"].append((torch.rand(s, generator=g) * 1e-4).to(param_dtype))
+            st["exp_avg_scales"].append(None)
+            st["exp_avg_sq_scales"].append(None)
+            st["steps"].append(torch.tensor(3.0))
+            st["mus"].append(st["params"][-1].float().abs().mean() if st["params"][-1].numel() else torch.tensor(0.0))
+            shapes.append(s)
+    return st, shapes
+
+
+def step_split_by_format(impl, st, grads, delta_beta=0.9, **kw):
+    """The step as one call per state format (what a backend that takes one format per call gets)."""
+    torch._foreach_add_(st["steps"], 1)
+    n = len(st["params"])
+    sums = torch.full((n,), float("nan"), device=_device_of(st))
+    tracks = kw["decay"] != "l2" and kw.get("delta_fixed") is None
+    for quantized in (True, False):
+        idx = [i for i in range(n) if (st["exp_avg_scales"][i] is not None) == quantized]
+        sub = lambda lst: [lst[i] for i in idx]  # noqa: E731
+        part = torch.full((len(idx),), float("nan"), device=sums.device)
+        impl(sub(st["params"]), sub(grads), sub(st["exp_avgs"]), sub(st["exp_avg_sqs"]), sub(st["steps"]),
+             sub(st["mus"]) if tracks else None, part,
+             exp_avg_scales=sub(st["exp_avg_scales"]) if quantized else None,
+             exp_avg_sq_scales=sub(st["exp_avg_sq_scales"]) if quantized else None,
+             delta_beta=delta_beta if tracks else None, **kw)
+        sums[idx] = part
+    return sums
+
+
+@needs_cpp
+@pytest.mark.parametrize("decay", ["l2", "prox", "euler"])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_one_call_mixing_8bit_and_full_precision_state_equals_a_call_per_format(decay, param_dtype):
+    """The CPU op takes 8-bit and full-precision entries in one call (the optimizer's step makes one call for a
+    group): every tensor, Σ|θ| and μ as with one call per format, bit for bit, over several steps, also with the
+    steps incremented inside the op."""
+    st, shapes = mixed_state(param_dtype)
+    split, one, inside = clone_state(st), clone_state(st), clone_state(st)
+    for k in range(3):
+        grads = grads_for(shapes, seed=10 + k, dtype=param_dtype)
+        s_split = step_split_by_format(kernel(256), split, grads, **hyper(decay))
+        s_one = step_q8(kernel(256), one, grads, **hyper(decay))
+        s_inside = step_q8(kernel(256), inside, grads, increment_steps=True, **hyper(decay))
+        assert torch.equal(s_one, s_split) and torch.equal(s_inside, s_split), f"step {k}: Σ|θ|"
+        assert_equal_states(one, split, f"step {k}, one call")
+        assert_equal_states(inside, split, f"step {k}, steps incremented in the op")
+    assert all(float(t) == 6.0 for t in inside["steps"])
+
+
+@needs_cpp
+def test_scale_lists_hold_the_8bit_entries_only():
+    """The op's scale lists have one entry per 8-bit param (int8 exp_avg), in order; another count raises before
+    anything is written, naming the lists."""
+    st, shapes = mixed_state(torch.float32)
+    before = clone_state(st)
+    q = sum(s is not None for s in st["exp_avg_scales"])
+    ms = [s for s in st["exp_avg_scales"] if s is not None]
+    vs = [s for s in st["exp_avg_sq_scales"] if s is not None]
+    kw = dict(lr=1e-2, lr_tensor=None, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decay="l2",
+              delta_fixed=None, delta_scale=1.0, max_lr=None, max_lr_tensor=None, bias_correction=True,
+              maximize=False, grad_scale=None, found_inf=None, increment_steps=True)
+    args = (st["params"], grads_for(shapes), st["exp_avgs"], st["exp_avg_sqs"], st["steps"], None, None)
+    for bad_m, bad_v in ((ms[:-1], vs[:-1]), (ms + ms[:1], vs + vs[:1]), (ms, vs[:-1])):
+        with pytest.raises(ValueError, match=rf"exp_avg_scales: {len(bad_m)} and {len(bad_v)} entries for {q} params "
+                                             r"with 8-bit \(int8\) exp_avgs"):
+            torch.ops.fusedecay.adam_decay_(*args, exp_avg_scales=bad_m, exp_avg_sq_scales=bad_v, **kw)
+    swapped = [ms[1], ms[0]] + ms[2:]   # wrong order: the first 8-bit entry gets the second's scales
+    with pytest.raises(ValueError, match=r"exp_avg_scales\[0\] \(of params\[0\]\)"):
+        torch.ops.fusedecay.adam_decay_(*args, exp_avg_scales=swapped, exp_avg_sq_scales=vs, **kw)
+    assert_equal_states(st, before, "after the errors")
+    torch.ops.fusedecay.adam_decay_(*args, exp_avg_scales=ms, exp_avg_sq_scales=vs, **kw)
+    assert not torch.equal(st["params"][0], before["params"][0]) and float(st["steps"][0]) == 4.0
+
+
 @needs_cpp
 def test_opcheck_with_8bit_state_and_fused_mu():
     st = q8_state([(3, 128), (1, 256)])
@@ -543,7 +641,8 @@ def test_opcheck_with_8bit_state_and_fused_mu():
     kw = dict(lr=1e-2, lr_tensor=None, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decay="prox",
               delta_fixed=None, delta_scale=1.0, max_lr=None, max_lr_tensor=None, bias_correction=True,
               maximize=False, grad_scale=None, found_inf=None, chunk_size=0, exp_avg_scales=st["exp_avg_scales"],
-              exp_avg_sq_scales=st["exp_avg_sq_scales"], delta_beta=0.9, mu_numels=[384, 256])
+              exp_avg_sq_scales=st["exp_avg_sq_scales"], delta_beta=0.9, mu_numels=[384, 256],
+              increment_steps=True)   # the schema marks the steps written too
     torch.library.opcheck(torch.ops.fusedecay.adam_decay_.default, args, kw,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -607,6 +706,48 @@ def test_optimizer_cpu_backend_matches_reference(make):
         assert_close(q.detach(), p.detach(), dtype=F32)
         for k, v in ref.state[p].items():
             assert_state_close(got.state[q][k], v, F32, msg=k)
+
+
+@needs_cpp
+@pytest.mark.parametrize("opt_cls", [AdamHD, AdamC])
+def test_cpu_step_is_one_op_call_and_equals_a_call_per_format(monkeypatch, opt_cls):
+    """On the CPU a step makes one op call per param group, 8-bit and full-precision entries together, and increments
+    the steps inside it (no call of its own). The same bits as one call per format after a separate increment (the
+    path of backends without these shortcuts), over several steps, one of them skipped by found_inf."""
+    calls = []
+    real = cpp.CPU_BACKEND.adam_decay
+
+    def counting(*a, **k):
+        calls.append((len(a[0]), sum(s is not None for s in k["exp_avg_scales"] or []), k.get("increment_steps")))
+        real(*a, **k)
+
+    runs = []
+    for shortcuts in (True, False):
+        monkeypatch.setattr(cpp.CPU_BACKEND, "adam_decay", counting)
+        monkeypatch.setattr(cpp.CPU_BACKEND, "mixed_moment_formats", shortcuts)
+        monkeypatch.setattr(cpp.CPU_BACKEND, "increments_steps", shortcuts)
+        increments = []
+        monkeypatch.setattr(torch.ops.fusedecay, "_increment_steps_", lambda steps: (increments.append(len(steps)),
+                                                                                     [t.add_(1) for t in steps]))
+        ps = make_params()
+        opt = opt_cls([dict(params=ps, state_bits=8)], lr=1e-2, weight_decay=0.1, backend="cpu")
+        calls.clear()
+        run_steps(opt, ps, 2)
+        opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(1.0)   # as GradScaler hands them over
+        run_steps(opt, ps, 1, seed=5)
+        opt.found_inf = torch.tensor(0.0)
+        run_steps(opt, ps, 1, seed=6)
+        runs.append((ps, opt, list(calls), list(increments)))
+        monkeypatch.undo()
+    (ps, opt, calls_one, inc_one), (qs, ref, calls_split, inc_split) = runs
+    assert calls_one == [(5, 2, True)] * 4 and inc_one == [], (calls_one, inc_one)
+    assert calls_split == [(2, 2, None), (3, 0, None)] * 4 and inc_split == [5] * 4, (calls_split, inc_split)
+    for p, q in zip(ps, qs):
+        assert torch.equal(p.detach(), q.detach())
+        assert opt.state[p].keys() == ref.state[q].keys()
+        for k, v in ref.state[q].items():
+            assert torch.equal(opt.state[p][k], v), k
+        assert float(opt.state[p]["step"]) == 3.0
 
 
 @pytest.mark.parametrize("opt_cls", [AdamHD, AdamC])

@@ -58,7 +58,10 @@ void adam_decay_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                      int64_t chunk_size, std::optional<at::TensorList> exp_avg_scales,
                      std::optional<at::TensorList> exp_avg_sq_scales, std::optional<double> delta_beta,
-                     std::optional<c10::IntArrayRef> mu_numels) {
+                     std::optional<c10::IntArrayRef> mu_numels, bool increment_steps) {
+  // The CPU kernel's shortcut (on a GPU the steps are incremented by one foreach launch before this op).
+  TORCH_CHECK_VALUE(!increment_steps, "Invalid increment_steps: the CUDA kernel does not increment the steps; "
+                    "increment them before the call");
   check_hyper(beta1, beta2, eps, weight_decay, delta_scale, delta_fixed, max_lr);
   Prepared prep = prepare_adam_decay(params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, abs_sums,
                                      std::string(decay), delta_fixed, chunk_size, c10::DeviceType::CUDA,

@@ -67,11 +67,13 @@ def _split(x, name: str):
 def adam_decay(params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, abs_sums, *, lr, beta1, beta2, eps,
                weight_decay, decay, delta_fixed, delta_scale, max_lr, bias_correction, maximize, grad_scale=None,
                found_inf=None, exp_avg_scales=None, exp_avg_sq_scales=None, delta_beta=None, numels=None,
-               chunk_size: int = 0) -> None:
+               chunk_size: int = 0, increment_steps: bool = False) -> None:
     """The multi-tensor contract of :func:`fusedecay.reference.adam_decay_reference`, on the compiled op.
 
-    ``chunk_size`` (elements per work unit; 0 = the default 65536; a multiple of 128 with 8-bit state) only
-    changes the work split.
+    ``exp_avg_scales``/``exp_avg_sq_scales``: per param, the block scales of 8-bit state or None (full-precision
+    moments); one call may mix both. ``increment_steps``: t ← t + 1 inside the op (the steps are then the
+    counts before this step; nothing is incremented when found_inf is set). ``chunk_size`` (elements per work
+    unit; 0 = the default 65536; a multiple of 128 with 8-bit state) only changes the work split.
     """
     if not params:
         return
@@ -79,6 +81,10 @@ def adam_decay(params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, abs
     max_lr_value, max_lr_tensor = _split(max_lr, "max_lr")
     if max_lr_tensor is not None:
         max_lr_value = None
+    if exp_avg_scales is not None and exp_avg_sq_scales is not None:
+        # The op takes the scales of the 8-bit entries only, in order.
+        exp_avg_scales = [s for s in exp_avg_scales if s is not None]
+        exp_avg_sq_scales = [s for s in exp_avg_sq_scales if s is not None]
     torch.ops.fusedecay.adam_decay_(
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(state_steps),
         list(delta_mus) if delta_mus is not None else None, abs_sums,
@@ -87,10 +93,9 @@ def adam_decay(params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, abs
         delta_fixed=None if delta_fixed is None else float(delta_fixed), delta_scale=float(delta_scale),
         max_lr=max_lr_value, max_lr_tensor=max_lr_tensor, bias_correction=bool(bias_correction),
         maximize=bool(maximize), grad_scale=grad_scale, found_inf=found_inf, chunk_size=int(chunk_size),
-        exp_avg_scales=None if exp_avg_scales is None else list(exp_avg_scales),
-        exp_avg_sq_scales=None if exp_avg_sq_scales is None else list(exp_avg_sq_scales),
+        exp_avg_scales=exp_avg_scales, exp_avg_sq_scales=exp_avg_sq_scales,
         delta_beta=None if delta_beta is None else float(delta_beta),
-        mu_numels=None if numels is None else [int(k) for k in numels])
+        mu_numels=None if numels is None else [int(k) for k in numels], increment_steps=bool(increment_steps))
 
 
 def abs_sum(x: Tensor) -> Tensor:
@@ -102,12 +107,13 @@ def abs_sum(x: Tensor) -> Tensor:
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
-CPU_BACKEND = _backends.Backend("cpu", ("cpu",), DTYPES, adam_decay, extras={"abs_sum": abs_sum})
+CPU_BACKEND = _backends.Backend("cpu", ("cpu",), DTYPES, adam_decay, extras={"abs_sum": abs_sum},
+                                mixed_moment_formats=True, increments_steps=True)
 _backends.register(CPU_BACKEND)
 
 CUDA_BACKEND = None
 if cuda_unavailable_reason is not None:
     _backends._plugin_errors.setdefault("fusedecay._C_cuda", cuda_unavailable_reason)  # shown by resolve("cuda")
 else:
-    CUDA_BACKEND = _backends.Backend("cuda", ("cuda",), DTYPES, adam_decay)
+    CUDA_BACKEND = _backends.Backend("cuda", ("cuda",), DTYPES, adam_decay, mixed_moment_formats=True)
     _backends.register(CUDA_BACKEND)

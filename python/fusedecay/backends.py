@@ -30,6 +30,12 @@ class Backend:
     adam_decay: Optional[Callable] = None
     # Optional extras a backend may provide; see fusedecay.functional.
     extras: Dict[str, Callable] = field(default_factory=dict)
+    # adam_decay takes one call for params with 8-bit and with full-precision moments together (else
+    # fusedecay.functional makes one call per format).
+    mixed_moment_formats: bool = False
+    # adam_decay takes ``increment_steps=True``: it does t ← t + 1 itself (not when found_inf is set), after its
+    # checks (else fusedecay.functional increments the steps before the call and undoes it for found_inf after).
+    increments_steps: bool = False
 
     def op(self, name: str) -> Optional[Callable]:
         return getattr(self, name, None) if name == "adam_decay" else self.extras.get(name)

@@ -2,10 +2,12 @@
 optimizer classes, the distributed wrappers and the benchmarks call.
 
 :func:`adam_decay` runs one AdamHD/AdamC step over lists of tensors:
-  1. t ← t + 1 for every state step (one foreach launch; on the CPU one call into the extension);
-  2. per (device, dtype, state format) bucket, the chosen backend's multi-tensor kernel does moments,
-     preconditioned step, decay and writes Σ|θ_t| per tensor — one pass over parameter memory. Moments
-     are full precision, or 8-bit codes + block scales (docs/state8.md) for the entries given scales;
+  1. t ← t + 1 for every state step (one foreach launch per device) — except where the backend does it inside its
+     call (the CPU kernel: ``Backend.increments_steps``), which saves a call per step;
+  2. per (device, dtype) bucket, the chosen backend's multi-tensor kernel does moments, preconditioned step,
+     decay and writes Σ|θ_t| per tensor — one pass over parameter memory. Moments are full precision, or 8-bit
+     codes + block scales (docs/state8.md) for the entries given scales; the compiled CPU and CUDA kernels take
+     both formats in one call (``Backend.mixed_moment_formats``), other backends get one call per format;
   3. if δ tracks the weights (``delta_mode`` "mean" or "ema"), μ ← β0·μ + (1 − β0)·Σ|θ_t|/numel: inside the
      kernel's reduction stage (no extra launch), or — when ``abs_sum_reduce`` must all-reduce the partial
      sums of a sharded caller first (one collective for all layers) — after it, for all tensors at once.
@@ -29,12 +31,23 @@ DELTA_MODES = ("ema", "mean", "fixed")
 UPDATES = ("prox", "euler")
 
 
-def _buckets(tensors: Sequence[Tensor], scales: Optional[Sequence[Optional[Tensor]]] = None
-             ) -> Dict[Tuple[torch.device, torch.dtype, bool], List[int]]:
-    """Indices per (device, dtype, 8-bit state?): one kernel call each."""
-    out: Dict[Tuple[torch.device, torch.dtype, bool], List[int]] = defaultdict(list)
+def _buckets(tensors: Sequence[Tensor], scales: Optional[Sequence[Optional[Tensor]]] = None, backend: str = "auto"
+             ) -> List[Tuple[torch.device, torch.dtype, _backends.Backend, List[int]]]:
+    """(device, dtype, backend, indices) of each kernel call: one per (device, dtype), split by state format (8-bit
+    or full precision) where the backend takes one format per call."""
+    by_place: Dict[Tuple[torch.device, torch.dtype], List[int]] = defaultdict(list)
     for i, t in enumerate(tensors):
-        out[(t.device, t.dtype, scales is not None and scales[i] is not None)].append(i)
+        by_place[(t.device, t.dtype)].append(i)
+    out = []
+    for (device, dtype), idx in by_place.items():
+        impl = _backends.resolve(backend, device, dtype)
+        if scales is None or impl.mixed_moment_formats:
+            out.append((device, dtype, impl, idx))
+            continue
+        for quantized in (True, False):
+            part = [i for i in idx if (scales[i] is not None) == quantized]
+            if part:
+                out.append((device, dtype, impl, part))
     return out
 
 
@@ -96,15 +109,20 @@ def adam_decay(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
     mu_beta = 0.0 if delta_mode == "mean" else delta_beta
 
     on = _PerDevice()
-    buckets = _buckets(params, exp_avg_scales)
-    steps_on: Dict[torch.device, List[Tensor]] = defaultdict(list)   # one increment (and found_inf undo) per device
-    for (device, _, _), idx in buckets.items():
-        steps_on[device] += [state_steps[i] for i in idx]
+    buckets = _buckets(params, exp_avg_scales, backend)
+    # t ← t + 1 before any kernel runs, one increment (and found_inf undo) per device, for the buckets whose backend
+    # does not do it inside its call.
+    steps_on: Dict[torch.device, List[Tensor]] = defaultdict(list)
+    for device, _, b, idx in buckets:
+        if not b.increments_steps:
+            steps_on[device] += [state_steps[i] for i in idx]
     for device, steps in steps_on.items():
         _increment_steps(steps, device)
-    for (device, dtype, quantized), idx in buckets.items():
-        impl = _backends.resolve(backend, device, dtype).adam_decay
+    for device, dtype, b, idx in buckets:
+        impl = b.adam_decay
         sub = lambda lst: [lst[i] for i in idx]  # noqa: E731
+        quantized = exp_avg_scales is not None and any(exp_avg_scales[i] is not None for i in idx)
+        extra = {"increment_steps": True} if b.increments_steps else {}
         abs_sums = torch.empty(len(idx), dtype=_mu_dtype(dtype), device=device) if tracks else None
         sizes = None
         if tracks and (numels is not None or abs_sum_reduce is not None):
@@ -121,7 +139,7 @@ def adam_decay(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
              grad_scale=on(grad_scale, device), found_inf=fi,
              exp_avg_scales=sub(exp_avg_scales) if quantized else None,
              exp_avg_sq_scales=sub(exp_avg_sq_scales) if quantized else None,
-             delta_beta=mu_beta if fused_mu else None, numels=sizes if fused_mu else None)
+             delta_beta=mu_beta if fused_mu else None, numels=sizes if fused_mu else None, **extra)
         if tracks and not fused_mu:
             update_delta_mu(sub(delta_mus), abs_sum_reduce(abs_sums), sizes, mu_beta, fi)
     if found_inf is not None:
