@@ -166,6 +166,27 @@ def test_grad_of_another_shape_raises_before_any_group_steps(kind, fresh):
     _raises(opt, ps, opt.step, r"param 'head.w': its grad has shape \(4, 6\) on cpu, the param shape \(6, 4\)")
 
 
+def test_a_failed_step_takes_back_the_delta_mu_it_made():
+    """AdamHD switched from torch's AdamW has moments but no μ yet (it starts at the next step): a step that fails
+    on the last group's grad must not leave the μ it made for the first group's params."""
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in ((4, 3), (5, 2), (6, 4))]
+    groups = [{"params": ps[:2], "param_names": ["enc.w", "enc.v"]}, {"params": ps[2:], "param_names": ["head.w"]}]
+    adamw = torch.optim.AdamW([{k: v for k, v in gr.items() if k != "param_names"} for gr in groups], lr=0.01)
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g)
+    adamw.step()
+    opt = AdamHD(groups, lr=0.01, weight_decay=0.1)
+    opt.load_state_dict(adamw.state_dict())
+    assert all("delta_mu" not in st and "exp_avg" in st for st in opt.state.values())
+    ps[2].grad = torch.randn(ps[2].shape)
+    ps[2].grad.data = torch.randn(3, 3)     # torch refuses such a grad on assignment, not through .data
+    _raises(opt, ps, opt.step, r"param 'head.w': its grad has shape \(3, 3\)")
+    ps[2].grad = torch.randn(ps[2].shape, generator=g)
+    opt.step()
+    assert all("delta_mu" in st for st in opt.state.values())
+
+
 def test_grad_on_another_device_is_refused():
     """A CPU-only machine cannot attach a grad on another device to a param (torch refuses it), so the check is
     exercised directly here; test_grad_on_another_gpu_raises runs it through step() on a GPU."""

@@ -85,12 +85,12 @@ class _AdamDecayBase(Optimizer):
                 and group["weight_decay"] != 0)
 
     # -- state -----------------------------------------------------------------------------------
-    def _check_step_inputs(self) -> None:
-        V.step_inputs(self, "step")
-
-    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, steps, mus, m_scales, v_scales):
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, steps, mus, m_scales, v_scales, made):
         """Fills the lists for one group; ``scales`` gets (exp_avg_scales, exp_avg_sq_scales) per param (None for
-        full-precision moments) when the group has ``state_bits=8``."""
+        full-precision moments) when the group has ``state_bits=8``. Checks each param's grad and state first
+        (``_validate.grad_ok``, ``state_on_param_device``: a bad one raises naming the param) and makes missing
+        state; ``made`` gets (param, whether it had a state entry, the keys it had) for each state this call is
+        about to add to, so that ``step`` can take the additions back when a later param fails its checks."""
         tracks = self._tracks_delta(group)
         state8 = group.get("state_bits", 32) == 8
         states = self.state
@@ -98,12 +98,22 @@ class _AdamDecayBase(Optimizer):
             g = p.grad
             if g is None:
                 continue
+            had = p in states
             state = states[p]
-            if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state.update(SF.new_moments(group, p))
-            if tracks and "delta_mu" not in state:
-                state["delta_mu"] = self._initial_delta_mu(p, group["backend"])
+            try:
+                V.grad_ok(p)
+                V.state_on_param_device(p, state, "step")
+            except (TypeError, ValueError) as e:
+                if not had:
+                    del states[p]
+                raise type(e)(f"{V.param_label(self.param_groups, p)}: {e}") from None
+            if not state or (tracks and "delta_mu" not in state):
+                made.append((p, had, tuple(state)))
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state.update(SF.new_moments(group, p))
+                if tracks and "delta_mu" not in state:
+                    state["delta_mu"] = self._initial_delta_mu(p, group["backend"])
             params.append(p)
             grads.append(g)
             if state8 and "exp_avg_codes" in state:
@@ -133,12 +143,23 @@ class _AdamDecayBase(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        self._check_step_inputs()
-        for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, steps, mus, m_scales, v_scales = [], [], [], [], [], [], [], []
-            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps, mus, m_scales, v_scales)
-            if not params:
-                continue
+        # Every group's lists (and checks) before any group's update: a bad grad or state raises with nothing changed.
+        work, made = [], []
+        try:
+            for group in self.param_groups:
+                lists = [], [], [], [], [], [], [], []
+                self._init_group(group, *lists, made)
+                if lists[0]:
+                    work.append((group, lists))
+        except BaseException:
+            for p, had, kept in reversed(made):   # the state this step made, taken back
+                st = self.state[p]
+                for k in [k for k in st if k not in kept]:
+                    del st[k]
+                if not had:
+                    del self.state[p]
+            raise
+        for group, (params, grads, exp_avgs, exp_avg_sqs, steps, mus, m_scales, v_scales) in work:
             beta1, beta2 = group["betas"]
             # DTensor params (FSDP2): local shards + one all-reduce of Σ|θ| (see fusedecay.distributed).
             run = _dist.adam_decay if _dist.has_dtensor(params) else adam_decay
