@@ -67,6 +67,10 @@ struct F8Format {
   // its bit pattern exceeds kSubMagic's by exactly that code.
   static constexpr float kSubMagic = exp2i(23 - kSubExp);
   static constexpr int32_t kSubMagicBits = (127 + 23 - kSubExp) << 23;
+  // Normal codes decoded with the exponent rebase folded into the scale (f8_decode_prescaled): bits(c << kShift) is
+  // V(c)·2^−(127−bias), and s·kPrescale = s·2^(127−bias) is exact for s < kPrescaleLimit.
+  static constexpr float kPrescale = exp2i(127 - kBias);
+  static constexpr float kPrescaleLimit = exp2i(kBias + 1);
 };
 
 // Scalar building blocks; the CPU SIMD types provide the same names lane by lane. Codes travel as int32,
@@ -120,32 +124,35 @@ FD_HD auto f8_encode(V x) {
   }
 }
 
-// V(c) for 0 ≤ c ≤ kMaxCode: the exact value of the code. kNormal: the caller knows that c ≥ 2^kMantissaBits (a
-// normal code), so the normal branch alone gives the same value.
-template <int E, bool kNormal = false, typename I>
+// V(c) for 0 ≤ c ≤ kMaxCode: the exact value of the code.
+template <int E, typename I>
 FD_HD auto f8_decode(I c) {
   using F = F8Format<E>;
   const auto normal = fd_from_bits((c + F::kExpOffset) << F::kShift);
-  if constexpr (kNormal) {
-    return normal;
-  } else {
-    const auto subnormal = fd_to_float(c) * F::kSubStep;  // exact
-    return fd_select(c < (1 << kMantissaBits), subnormal, normal);
-  }
+  const auto subnormal = fd_to_float(c) * F::kSubStep;  // exact
+  return fd_select(c < (1 << kMantissaBits), subnormal, normal);
 }
 
-// The moments. s = the block's scale, r = its encode factor. kNormal as for f8_encode / f8_decode: the block's scale
-// is finite and normal and every |m|·r (√v·r) at least the format's kMinNormal (encode), every |code| at least
-// 2^kMantissaBits (decode).
+// V(c)·2^−(127−bias) for a normal code c (2^kMantissaBits ≤ c ≤ kMaxCode): its bit pattern, a normal float. So
+// V(c)·s = f8_decode_prescaled(c)·(s·kPrescale) — the same real product, rounded once — when s·kPrescale is exact:
+// s < kPrescaleLimit (2^16 for m's format, 2^32 for √v's; a NaN or infinite s fails the test). One integer operation
+// fewer than f8_decode's normal branch (the CPU's vector loop, for blocks whose codes and scales allow it: Q8Codec).
+template <int E, typename I>
+FD_HD auto f8_decode_prescaled(I c) {
+  return fd_from_bits(c << F8Format<E>::kShift);
+}
+
+// The moments. s = the block's scale, r = its encode factor. kNormal as for f8_encode: the block's scale is finite and
+// normal and every |m|·r (√v·r) at least the format's kMinNormal.
 template <typename V, bool kNormal = false>
 FD_HD auto encode_exp_avg(V m, float r) {  // int8 code as int32: sign(m)·F8(|m|·r)
   const auto q = f8_encode<kExpBitsM, kNormal>(fd_abs(m) * r);
   return fd_select(fd_is_negative(m), -q, q);
 }
 
-template <typename I, bool kNormal = false>
+template <typename I>
 FD_HD auto decode_exp_avg(I c, float s) {
-  return fd_negate_if(c, f8_decode<kExpBitsM, kNormal>(fd_abs_code(c)) * s);  // −a for c < 0
+  return fd_negate_if(c, f8_decode<kExpBitsM>(fd_abs_code(c)) * s);  // −a for c < 0
 }
 
 // w = √v of the updated v (the value the update divided by).
@@ -159,9 +166,21 @@ FD_HD auto encode_exp_avg_sq_unclamped(V w, float r) {  // to be narrowed with u
   return f8_encode_unclamped<kExpBitsV, kNormal>(w * r);
 }
 
-template <typename I, bool kNormal = false>
+template <typename I>
 FD_HD auto decode_exp_avg_sq(I c, float s) {
-  const auto w = f8_decode<kExpBitsV, kNormal>(c) * s;  // √v
+  const auto w = f8_decode<kExpBitsV>(c) * s;  // √v
+  return w * w;
+}
+
+// decode_exp_avg / decode_exp_avg_sq of normal codes, given s·kPrescale of a scale s below kPrescaleLimit: the same
+// values.
+template <typename I>
+FD_HD auto decode_exp_avg_prescaled(I c, float s_prescaled) {
+  return fd_negate_if(c, f8_decode_prescaled<kExpBitsM>(fd_abs_code(c)) * s_prescaled);
+}
+template <typename I>
+FD_HD auto decode_exp_avg_sq_prescaled(I c, float s_prescaled) {
+  const auto w = f8_decode_prescaled<kExpBitsV>(c) * s_prescaled;  // √v
   return w * w;
 }
 

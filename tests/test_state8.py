@@ -361,7 +361,7 @@ def special_blocks_state(param_dtype):
     (csrc/cpu/adam_decay_cpu.cpp, Q8Codec: a block whose codes and new values are all normal runs without the
     subnormal branches), and grads that keep each kind through the steps (g = 0 where a moment must stay put)."""
     g = torch.Generator().manual_seed(41)
-    rows = 11
+    rows = 15
     m = torch.randn(rows, 128, generator=g) * 1e-3
     v = m * m + torch.rand(rows, 128, generator=g) * 1e-6
     grad = torch.randn(rows, 128, generator=g) * 1e-2
@@ -379,6 +379,13 @@ def special_blocks_state(param_dtype):
     v[8], grad[8] = 1.0, 0.0
     grad[9, 17] = float("nan")                                # 9: NaN from the grad (new scale NaN)
     v[10] = v[10] * 2.0 ** 100                                # 10: large √v scale, small m
+    # 11–14: scales at the limit of the decode that folds the exponent rebase into the scale (s·2^112 for m, s·2^96
+    # for √v must stay finite: s < 2^16, s < 2^32) and just below it; g = 0, so the first step decodes them as stored
+    m[11] = torch.linspace(0.5, 1.0, 128) * 2.0 ** 16         # 11: m scale 2^16 exactly
+    m[12] = torch.linspace(0.5, 1.0, 128) * (2.0 ** 16 - 2.0 ** -8)   # 12: the largest m scale below 2^16
+    v[13] = torch.linspace(0.25, 1.0, 128) * 2.0 ** 64        # 13: √v scale 2^32 exactly
+    v[14] = torch.linspace(0.25, 1.0, 128) * (2.0 ** 32 - 2.0 ** 8) ** 2   # 14: a √v scale just below 2^32
+    grad[11:] = 0.0
     (mc, ms), (vc, vs) = S.quantize_exp_avg(m), S.quantize_exp_avg_sq(v)
     params = (torch.randn(rows, 128, generator=g) * 0.5).to(param_dtype)
     st = dict(params=[params], exp_avgs=[mc], exp_avg_sqs=[vc], exp_avg_scales=[ms], exp_avg_sq_scales=[vs],
