@@ -160,10 +160,10 @@ template <typename V, bool kNormal = false>
 FD_HD auto encode_exp_avg_sq(V w, float r) {
   return f8_encode<kExpBitsV, kNormal>(w * r);
 }
-template <typename V, bool kNormal = false>
+template <typename V>
 FD_HD auto encode_exp_avg_sq_unclamped(V w, float r) {  // to be narrowed with unsigned saturation at 255
   static_assert(F8Format<kExpBitsV>::kMaxCode == 255, "the saturation is the clamp");
-  return f8_encode_unclamped<kExpBitsV, kNormal>(w * r);
+  return f8_encode_unclamped<kExpBitsV>(w * r);
 }
 
 template <typename I>

@@ -735,8 +735,9 @@ struct Q8Codec {
 #endif
     store_codes(m + i + k * kVecLanes, state8::encode_exp_avg<F16<S>, kNormal>(km[k], rm));
 #if defined(FD_CPU_ZMM_CLONE)
-    if constexpr (S == kZmmVectors) {  // the clamp to 255 is the narrowing's saturation
-      store_codes_saturated(v + i + k * kVecLanes, state8::encode_exp_avg_sq_unclamped<F16<S>, kNormal>(kw[k], rw));
+    if constexpr (S == kZmmVectors) {  // general blocks (normal ones returned above); the clamp to 255 is the
+                                       // narrowing's saturation
+      store_codes_saturated(v + i + k * kVecLanes, state8::encode_exp_avg_sq_unclamped<F16<S>>(kw[k], rw));
       return;
     }
 #endif
