@@ -7,6 +7,13 @@ one ``optimizer.step()`` of *every* candidate, in an order rotated from round to
 its own; a candidate's ratio is taken within each round against the torch fused step of the same
 round, and the figure is the median of those per-round ratios, with a bootstrap 95 % interval.
 
+Before every timed call the host writes ``--flush-mib`` (default 512) MiB of other memory, untimed, so that every
+candidate starts from the caches a training step finds after its forward and backward pass: neither the
+optimizer's data nor its code (Python, dispatch, kernels) in them. Without it (``--flush-mib 0``) each candidate
+found what the one before it in the rotation left: torch's step always came after the rmw reference, each of ours
+after another fusedecay step, whose code was then still cached. At 20dd7a0 that made our ratios 8–13 % lower than
+with the flush (docs/bench.md, bench/results/ab-flush/).
+
 The same rounds also time two bandwidth references (fp32 buffers of 256 MiB on CPU, 1 GiB on GPU):
   * copy:  ``dst.copy_(src)``, 2 × bytes (read + write), the "copy bandwidth" of the issue;
   * rmw:   ``a.add_(b)``, 3 × bytes (read a, b, write a). On CPUs a copy's destination is also read
@@ -99,6 +106,8 @@ def main() -> None:
     ap.add_argument("--sweep-total", type=int, default=1_000_000)
     ap.add_argument("--rounds", type=int, default=0, help="default: 100 on GPU, 40 on CPU")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--flush-mib", type=int, default=512,
+                    help="host memory written before every timed call, untimed (0: none)")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     a = ap.parse_args()
     if a.device:
@@ -115,6 +124,9 @@ def main() -> None:
     kernels = [k for k in a.kernels.split(",") if k]
     state_bits = [int(b) for b in a.state_bits.split(",") if b]
     run = timer(dev)
+    if a.flush_mib < 0:
+        ap.error("--flush-mib must be 0 or more")
+    flush = torch.empty(a.flush_mib * (1 << 20) // 4) if a.flush_mib else None
     info = run_info(dev)
     rows: List[dict] = []
     # (param set, dtype, state precisions of the fusedecay kernels)
@@ -161,6 +173,8 @@ def main() -> None:
         for r in range(rounds):
             rot = order[r % len(order):] + order[:r % len(order)]
             for key in rot:
+                if flush is not None:
+                    flush.fill_(1.0)
                 times[key].append(run(cands[key][0]))
         # GPU: device time as well (CUDA events around steps issued back to back, so the host's Python work
         # overlaps the kernels); not interleaved, one candidate after the other.
