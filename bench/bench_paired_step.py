@@ -104,7 +104,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also the tensor-count sweep (fp32, 32-bit state)")
     ap.add_argument("--sweep-counts", default="10,100,1000,4000")
     ap.add_argument("--sweep-total", type=int, default=1_000_000)
-    ap.add_argument("--rounds", type=int, default=0, help="default: 100 on GPU, 40 on CPU")
+    ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--flush-mib", type=int, default=512,
                     help="host memory written before every timed call, untimed (0: none)")
@@ -120,12 +120,12 @@ def main() -> None:
 
     dev = TB.DEVICE
     main_set = a.param_set or ("gpt2-124m" if dev.type == "cuda" else "cpu-small")
-    rounds = a.rounds or (100 if dev.type == "cuda" else 40)
+    rounds = a.rounds
     kernels = [k for k in a.kernels.split(",") if k]
     state_bits = [int(b) for b in a.state_bits.split(",") if b]
     run = timer(dev)
-    if a.flush_mib < 0:
-        ap.error("--flush-mib must be 0 or more")
+    if a.flush_mib < 0 or rounds < 1:
+        ap.error("--flush-mib must be 0 or more, --rounds at least 1")
     flush = torch.empty(a.flush_mib * (1 << 20) // 4) if a.flush_mib else None
     info = run_info(dev)
     rows: List[dict] = []
@@ -222,12 +222,14 @@ def main() -> None:
     when = info["date"][:19].replace(":", "")  # to the second: runs of the CPU set take ~15 s
     stem = os.path.join(a.out_dir, f"paired-{slug(info['device_name'])}-{when}")
     with open(stem + ".json", "w") as f:
-        json.dump({"fusedecay_run": info, "loadavg_1min_end": os.getloadavg()[0], "rows": rows}, f, indent=1)
+        json.dump({"fusedecay_run": info, "loadavg_1min_end": os.getloadavg()[0], "flush_mib": a.flush_mib,
+                   "rows": rows}, f, indent=1)
     gpu = dev.type == "cuda"
     lines = [f"# Paired step-time ratios — {info['device_name']}", "",
              f"torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, Python {info['python']}, "
              f"commit `{info['commit']}`, {info['date']}. `python {' '.join(sys.argv)}` "
-             f"(param set {main_set}{', tensor-count sweep' if a.sweep else ''}, {rounds} interleaved rounds; ratio = "
+             f"(param set {main_set}{', tensor-count sweep' if a.sweep else ''}, {rounds} interleaved rounds, "
+             f"{a.flush_mib} MiB written before each timed call; ratio = "
              f"median of per-round ratios to torch fused AdamW in the same round, 95 % bootstrap interval; state B/param "
              f"measured from the optimizer's state tensors).", "",
              "| param set | dtype | kernel | backend | state | state B/param | median ms | GB/s | % copy BW | % rmw BW "

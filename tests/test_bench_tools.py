@@ -18,7 +18,7 @@ def test_paired_step_script_writes_rows_with_ratios_and_intervals(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(BENCH, "bench_paired_step.py"), "--rounds", "3", "--warmup", "1",
                           "--dtypes", "fp32", "--param-set", "gpt-tiny", "--kernels", "adamhd-prox-ema,adamc",
                           "--state-bits", "32,8", "--sweep", "--sweep-counts", "4,16", "--sweep-total", "4096",
-                          "--out-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+                          "--flush-mib", "8", "--out-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     files = sorted(os.listdir(tmp_path))
     assert [os.path.splitext(f)[1] for f in files] == [".json", ".md"] and all(f.startswith("paired-") for f in files)
@@ -41,6 +41,7 @@ def test_paired_step_script_writes_rows_with_ratios_and_intervals(tmp_path):
     assert data["fusedecay_run"]["commit"]
     md = open(tmp_path / next(f for f in files if f.endswith(".md"))).read()
     assert "| state B/param |" in md and "| 8-bit |" in md
+    assert data["flush_mib"] == 8 and "8 MiB written before each timed call" in md
 
 
 def _fake_gpu_raw(path):
