@@ -81,6 +81,7 @@ struct Prepared {
   std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;  // (user tensor, dense working copy)
   std::vector<at::Tensor> keep_alive;                        // working copies the metas point into
   bool needs_mu = false;
+  size_t num_params = 0;
 
   // Writes the working copies of params/moments back into non-dense user tensors (after the kernel).
   void finish() {
@@ -159,12 +160,12 @@ inline Prepared prepare_adam_decay(const at::TensorList params, const at::Tensor
                       "without delta_fixed");
     TORCH_CHECK_VALUE(*delta_beta >= 0.0 && *delta_beta < 1.0, "Invalid delta_beta: ", *delta_beta,
                       " (must lie in [0, 1))");
-    TORCH_CHECK_VALUE(abs_sums.has_value(), "Invalid abs_sums: delta_beta needs abs_sums");
   }
   if (mu_numels.has_value()) {
     TORCH_CHECK_VALUE(delta_beta.has_value() && mu_numels->size() == n, "Invalid mu_numels: expected one size per "
                       "param, and only with delta_beta");
   }
+  out.num_params = n;
   if (n == 0) return out;
 
   out.device = params[0].device();

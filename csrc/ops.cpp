@@ -32,6 +32,13 @@ void run_cpu(Prepared& prep, const ScalarInputs& sc, const std::optional<at::Ten
                                                      delta_scale, bias_correction, maximize, delta_beta);
   T* sums = abs_sums.has_value() ? abs_sums->data_ptr<T>() : nullptr;
   const bool update_mu = ks.hyper.update_mu && !should_skip(ks);
+  // A fused μ update without abs_sums (the caller does not want the sums): they go to host memory of our own, which
+  // spares the caller a tensor allocation per step.
+  std::vector<T> own_sums;
+  if (sums == nullptr && ks.hyper.update_mu) {
+    own_sums.resize(prep.num_params);
+    sums = own_sums.data();
+  }
   std::vector<double> partials;
   for (const LaunchGroup& gr : prep.groups) {
     partials.assign(gr.chunks.size(), 0.0);

@@ -348,6 +348,17 @@ def test_increment_steps_is_refused():
     assert_states_equal(st, before)
 
 
+def test_fused_mu_without_abs_sums_is_refused():
+    """Only the CPU kernel keeps the sums of a fused μ update to itself: the CUDA op asks for abs_sums, before writing
+    anything (fusedecay.functional gives it them: the CUDA backend does not set ``mu_without_abs_sums``)."""
+    st = make_state([(7,), (300,)], torch.float32, device=DEV)
+    before = st.clone()
+    with pytest.raises(ValueError, match="delta_beta needs abs_sums"):
+        cpp.adam_decay(st.params, make_grads([(7,), (300,)], 1, torch.float32, device=DEV)[0], st.exp_avgs,
+                       st.exp_avg_sqs, st.steps, st.mus, None, delta_beta=0.9, **hyper("prox"))
+    assert_states_equal(st, before)
+
+
 def test_state8_found_inf_writes_nothing():
     from test_state8 import Q_SHAPES, clone_state, grads_for, hyper as hyper8, q8_state, step_q8
     st = {name: [x.to(DEV) for x in xs] for name, xs in q8_state(Q_SHAPES, seed=12).items()}

@@ -486,7 +486,8 @@ def test_found_inf_writes_nothing_and_grad_scale_unscales(impl):
 @pytest.mark.parametrize("with_found_inf", [False, True])
 def test_fused_mu_update_is_update_delta_mu(param_dtype, with_found_inf):
     """The kernel's reduction stage updates μ with the arithmetic of functional.update_delta_mu (after the sums
-    it writes), honouring found_inf and the global sizes of sharded tensors."""
+    it writes), honouring found_inf and the global sizes of sharded tensors; also when the caller passes no
+    abs_sums (the CPU kernel then keeps the sums to itself)."""
     shapes = [(37,), (5, 7), (0,), (4097,)]
     g = torch.Generator().manual_seed(4)
     params = [torch.randn(s, generator=g, dtype=param_dtype) for s in shapes]
@@ -506,6 +507,11 @@ def test_fused_mu_update_is_update_delta_mu(param_dtype, with_found_inf):
     update_delta_mu(b_mu, b_s, numels, 0.95, fi)
     assert torch.equal(a_s, b_s)
     assert all(torch.equal(x, y) for x, y in zip(a_mu, b_mu))
+    # without abs_sums (what fusedecay.functional passes the CPU backend): the sums stay inside, the rest is the same
+    c_p, c_mu = [p.clone() for p in params], [m.clone() for m in mus]
+    cpp.adam_decay(c_p, grads, [z.clone() for z in zeros], [z.clone() for z in zeros], steps(), c_mu, None,
+                   delta_beta=0.95, numels=numels, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(c_p + c_mu, a_p + a_mu))
     # and against the float64 formula, independent of the package: Σ|θ_t| of the updated params, then μ
     for p, s, mu0, mu, n in zip(a_p, a_s, mus, a_mu, numels):
         assert_close(s.double(), p.double().abs().sum(), param_dtype)

@@ -62,6 +62,8 @@ void adam_decay_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   // The CPU kernel's shortcut (on a GPU the steps are incremented by one foreach launch before this op).
   TORCH_CHECK_VALUE(!increment_steps, "Invalid increment_steps: the CUDA kernel does not increment the steps; "
                     "increment them before the call");
+  // (The CPU kernel keeps the sums of a fused μ update in host memory of its own when abs_sums is None.)
+  TORCH_CHECK_VALUE(!delta_beta.has_value() || abs_sums.has_value(), "Invalid abs_sums: delta_beta needs abs_sums");
   check_hyper(beta1, beta2, eps, weight_decay, delta_scale, delta_fixed, max_lr);
   Prepared prep = prepare_adam_decay(params, grads, exp_avgs, exp_avg_sqs, state_steps, delta_mus, abs_sums,
                                      std::string(decay), delta_fixed, chunk_size, c10::DeviceType::CUDA,

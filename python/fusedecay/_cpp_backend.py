@@ -108,7 +108,7 @@ def abs_sum(x: Tensor) -> Tensor:
 DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
 CPU_BACKEND = _backends.Backend("cpu", ("cpu",), DTYPES, adam_decay, extras={"abs_sum": abs_sum},
-                                mixed_moment_formats=True, increments_steps=True)
+                                mixed_moment_formats=True, increments_steps=True, mu_without_abs_sums=True)
 _backends.register(CPU_BACKEND)
 
 CUDA_BACKEND = None

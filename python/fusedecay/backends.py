@@ -36,6 +36,9 @@ class Backend:
     # adam_decay takes ``increment_steps=True``: it does t ← t + 1 itself (not when found_inf is set), after its
     # checks (else fusedecay.functional increments the steps before the call and undoes it for found_inf after).
     increments_steps: bool = False
+    # adam_decay takes ``abs_sums=None`` with the fused μ update (``delta_beta``): the kernel keeps the per-tensor sums
+    # to itself (else fusedecay.functional allocates a tensor for them at every step).
+    mu_without_abs_sums: bool = False
 
     def op(self, name: str) -> Optional[Callable]:
         return getattr(self, name, None) if name == "adam_decay" else self.extras.get(name)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from . import backends as _backends
+from ._step_wrapper import no_grad
 from .reference import adam_decay as _ref_adam
 from .reference import scion as _ref_scion
 
@@ -69,7 +70,7 @@ def init_delta_mu(param: Tensor, backend: str = "auto") -> Tensor:
     return abs_sum(param, backend) / max(param.numel(), 1)
 
 
-@torch.no_grad()
+@no_grad
 def adam_decay(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                state_steps: List[Tensor], delta_mus: Optional[List[Tensor]], *, lr: Union[float, Tensor],
                beta1: float, beta2: float, eps: float, weight_decay: float, decay: str, delta_mode: str = "fixed",
@@ -123,15 +124,17 @@ def adam_decay(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
         sub = lambda lst: [lst[i] for i in idx]  # noqa: E731
         quantized = exp_avg_scales is not None and any(exp_avg_scales[i] is not None for i in idx)
         extra = {"increment_steps": True} if b.increments_steps else {}
-        abs_sums = torch.empty(len(idx), dtype=_mu_dtype(dtype), device=device) if tracks else None
+        # μ's update runs in the kernel's reduction stage unless the sums must be all-reduced first.
+        fused_mu = tracks and abs_sum_reduce is None
+        abs_sums = None
+        if tracks and not (fused_mu and b.mu_without_abs_sums):
+            abs_sums = torch.empty(len(idx), dtype=_mu_dtype(dtype), device=device)
         sizes = None
         if tracks and (numels is not None or abs_sum_reduce is not None):
             sizes = [numels[i] if numels is not None else params[i].numel() for i in idx]
         # GradScaler keeps grad_scale / found_inf on one device; params on other GPUs get asynchronous
         # device-to-device copies (once per device and step), as torch's fused optimizers do.
         fi = on(found_inf, device)
-        # μ's update runs in the kernel's reduction stage unless the sums must be all-reduced first.
-        fused_mu = tracks and abs_sum_reduce is None
         impl(sub(params), sub(grads), sub(exp_avgs), sub(exp_avg_sqs), sub(state_steps),
              sub(delta_mus) if tracks else None, abs_sums, lr=on(lr, device), beta1=beta1, beta2=beta2, eps=eps,
              weight_decay=weight_decay, decay=decay, delta_fixed=delta_fixed, delta_scale=delta_scale,
@@ -222,7 +225,7 @@ def scion_directions_reference(inputs: List[Tensor], *, lmo: str, ns_steps: int,
             for m in inputs]
 
 
-@torch.no_grad()
+@no_grad
 def scionc(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *, lr: Union[float, Tensor],
            momentum: float, lmo: str, radius: float, norm_target: float, corrected: bool, weight_decay: float,
            ns_steps: int = 5, ns: str = "classic", ns_dtype: Optional[torch.dtype] = None, nesterov: bool = False,

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import _validate as V
+from .._step_wrapper import optimizer_step
 from .. import backends as _backends
 from .. import distributed as _dist
 from ..functional import DELTA_MODES, UPDATES, _mu_dtype, adam_decay, init_delta_mu
@@ -93,27 +94,19 @@ class _AdamDecayBase(Optimizer):
         about to add to, so that ``step`` can take the additions back when a later param fails its checks."""
         tracks = self._tracks_delta(group)
         state8 = group.get("state_bits", 32) == 8
-        states = self.state
+        get = self.state.get
+        strided, floats = torch.strided, V.REAL_FLOAT_DTYPES
         for p in group["params"]:  # per param per step: kept lean (thousands of small tensors are common)
             g = p.grad
             if g is None:
                 continue
-            had = p in states
-            state = states[p]
-            try:
-                V.grad_ok(p)
-                V.state_on_param_device(p, state, "step")
-            except (TypeError, ValueError) as e:
-                if not had:
-                    del states[p]
-                raise type(e)(f"{V.param_label(self.param_groups, p)}: {e}") from None
-            if not state or (tracks and "delta_mu" not in state):
-                made.append((p, had, tuple(state)))
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    state.update(SF.new_moments(group, p))
-                if tracks and "delta_mu" not in state:
-                    state["delta_mu"] = self._initial_delta_mu(p, group["backend"])
+            state = get(p)
+            # The common case in attribute reads (V.grad_ok's and V.state_on_param_device's checks, inlined); anything
+            # else goes through them (raising naming the param) and makes what is missing.
+            if (not state or (tracks and "delta_mu" not in state) or g.shape != p.shape or g.layout is not strided
+                    or g.dtype not in floats or p.dtype not in floats or g.device != (dev := p.device)
+                    or state["step"].device != dev):
+                state = self._checked_state(group, p, tracks, made)
             params.append(p)
             grads.append(g)
             if state8 and "exp_avg_codes" in state:
@@ -131,11 +124,33 @@ class _AdamDecayBase(Optimizer):
             if tracks:
                 mus.append(state["delta_mu"])
 
+    def _checked_state(self, group, p: Tensor, tracks: bool, made) -> Dict[str, Any]:
+        """``p``'s state after checking its grad and state (a bad one raises naming the param; a state entry made
+        for the check is removed again) and making what is missing (recorded in ``made``, see ``_init_group``)."""
+        states = self.state
+        had = p in states
+        state = states[p]
+        try:
+            V.grad_ok(p)
+            V.state_on_param_device(p, state, "step")
+        except (TypeError, ValueError) as e:
+            if not had:
+                del states[p]
+            raise type(e)(f"{V.param_label(self.param_groups, p)}: {e}") from None
+        if not state or (tracks and "delta_mu" not in state):
+            made.append((p, had, tuple(state)))
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state.update(SF.new_moments(group, p))
+            if tracks and "delta_mu" not in state:
+                state["delta_mu"] = self._initial_delta_mu(p, group["backend"])
+        return state
+
     def _initial_delta_mu(self, p: Tensor, backend: str) -> Tensor:
         """μ^(l)_0 = mean|θ_0| (the global mean over all shards for a DTensor param), reduced in a fixed order."""
         return _dist.init_delta_mu(p, backend) if _dist.is_dtensor(p) else init_delta_mu(p, backend)
 
-    @torch.no_grad()
+    @optimizer_step
     def step(self, closure=None):
         loss = None
         if closure is not None:

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import _validate as V
+from .._step_wrapper import optimizer_step
 from .. import backends as _backends
 from .. import distributed as _dist
 from ..functional import scionc
@@ -164,7 +165,7 @@ class ScionC(Optimizer):
     def _check_step_inputs(self) -> None:
         V.step_inputs(self, "momentum_buffer")
 
-    @torch.no_grad()
+    @optimizer_step
     def step(self, closure=None):
         loss = None
         if closure is not None:
