@@ -123,3 +123,29 @@ def test_step_is_one_graph_with_the_fused_op_inside(monkeypatch):
     steps = {float(st["step"]) for st in ns["opt"].state.values()}
     assert steps == {3.0}, f"3 compiled steps left the step counters at {steps}"
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fusedecay::adam_decay_", "Meta")
+
+
+def test_step_wrapper_traces_without_a_graph_break():
+    """With its state made (two eager steps), AdamHD's compiled step is one graph: the step wrapper
+    (fusedecay/_step_wrapper.py: hooks, grad mode, the profiler range) holds nothing dynamo breaks on."""
+    torch._dynamo.reset()
+    ns = _readme_step(False)
+    opt, model = ns["opt"], ns["model"]
+
+    def grads():
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(torch.randn(4, 64)), torch.randn(4, 64)).backward()
+
+    for _ in range(2):
+        grads()
+        opt.step()
+    graphs = []
+    # type(opt).step: the class's step itself, not the lr scheduler's wrapper around the bound method (which dynamo
+    # skips, a graph break of torch's)
+    step = torch.compile(lambda: type(opt).step(opt), backend=lambda gm, ex: graphs.append(gm) or gm.forward)
+    torch._dynamo.utils.counters.clear()
+    for _ in range(2):
+        grads()
+        step()
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    assert len(graphs) == 1 and any("fusedecay.adam_decay_" in str(n.target) for n in graphs[0].graph.nodes)
