@@ -6,6 +6,7 @@
 * hooks run in the caller's grad mode, the step itself with grad off, and grad mode is back afterwards, also when
   the step raises;
 * under a profiler the step is the range ``Optimizer.step#<class>.step``; without one no range is opened;
+* a subclass whose own ``step`` calls ``super().step()`` (torch wraps the subclass's step) runs each hook once;
 * an lr scheduler sees the optimizer step (no "lr_scheduler.step() before optimizer.step()" warning);
 * the functional entry points switch grad off for params that require grad, and back.
 """
@@ -145,6 +146,32 @@ def test_profiler_sees_the_step_range_as_for_torch_and_no_range_is_opened_withou
     torch_opt, _ = _setup("torch-adamw")
     torch_opt.step()
     assert opened == ["Optimizer.step#AdamW.step"]   # the counter sees torch's range: it would see ours
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_a_subclass_step_calling_super_runs_each_hook_once(name):
+    base = type(OPTIMIZERS[name]([torch.nn.Parameter(torch.zeros(1))]))
+
+    class Sub(base):
+        def step(self, closure=None):
+            self.sub_steps = getattr(self, "sub_steps", 0) + 1
+            return super().step(closure)
+
+    p = torch.nn.Parameter(torch.randn(5, 3))
+    p.grad = torch.randn(5, 3)
+    opt = Sub([p], lr=1e-2)
+    calls = []
+    handles = [register_optimizer_step_pre_hook(lambda o, a, k: calls.append("pre global")),
+               opt.register_step_pre_hook(lambda o, a, k: calls.append("pre own")),
+               opt.register_step_post_hook(lambda o, a, k: calls.append("post own"))]
+    try:
+        before = p.detach().clone()
+        opt.step()
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == ["pre global", "pre own", "post own"] and opt.sub_steps == 1
+    assert not torch.equal(p.detach(), before) and p.grad_fn is None
 
 
 @pytest.mark.parametrize("name", OURS)

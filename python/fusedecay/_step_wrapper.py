@@ -98,6 +98,11 @@ def optimizer_step(func: F) -> F:
 
     @functools.wraps(func)
     def step(*args, **kwargs):
+        if type(args[0]).step is not step:
+            # Reached through a subclass's own step (super().step()), which torch.optim.Optimizer wrapped: its
+            # wrapper ran the hooks and opened the range; here only grad mode, as @torch.no_grad() would.
+            with torch.no_grad():
+                return func(*args, **kwargs)
         if _compiling():   # what torch's wrapper and @torch.no_grad() do, for dynamo to trace
             with _profiler.record_function(f"Optimizer.step#{type(args[0]).__name__}.step"):
                 return _call_hooked(func, args, kwargs, compiling=True)
