@@ -724,14 +724,16 @@ def test_optimizer_cpu_backend_matches_reference(make):
 @needs_cpp
 @pytest.mark.parametrize("opt_cls", [AdamHD, AdamC])
 def test_cpu_step_is_one_op_call_and_equals_a_call_per_format(monkeypatch, opt_cls):
-    """On the CPU a step makes one op call per param group, 8-bit and full-precision entries together, and increments
-    the steps inside it (no call of its own). The same bits as one call per format after a separate increment (the
-    path of backends without these shortcuts), over several steps, one of them skipped by found_inf."""
+    """On the CPU a step makes one op call per param group, 8-bit and full-precision entries together, increments
+    the steps inside it (no call of its own) and passes no abs_sums for the fused μ update. The same bits as one call
+    per format after a separate increment, with abs_sums (the path of backends without these shortcuts), over several
+    steps, one of them skipped by found_inf."""
     calls = []
     real = cpp.CPU_BACKEND.adam_decay
 
     def counting(*a, **k):
-        calls.append((len(a[0]), sum(s is not None for s in k["exp_avg_scales"] or []), k.get("increment_steps")))
+        calls.append((len(a[0]), sum(s is not None for s in k["exp_avg_scales"] or []), k.get("increment_steps"),
+                      a[6] is None))
         real(*a, **k)
 
     runs = []
@@ -739,6 +741,7 @@ def test_cpu_step_is_one_op_call_and_equals_a_call_per_format(monkeypatch, opt_c
         monkeypatch.setattr(cpp.CPU_BACKEND, "adam_decay", counting)
         monkeypatch.setattr(cpp.CPU_BACKEND, "mixed_moment_formats", shortcuts)
         monkeypatch.setattr(cpp.CPU_BACKEND, "increments_steps", shortcuts)
+        monkeypatch.setattr(cpp.CPU_BACKEND, "mu_without_abs_sums", shortcuts)
         increments = []
         monkeypatch.setattr(torch.ops.fusedecay, "_increment_steps_", lambda steps: (increments.append(len(steps)),
                                                                                      [t.add_(1) for t in steps]))
@@ -753,8 +756,10 @@ def test_cpu_step_is_one_op_call_and_equals_a_call_per_format(monkeypatch, opt_c
         runs.append((ps, opt, list(calls), list(increments)))
         monkeypatch.undo()
     (ps, opt, calls_one, inc_one), (qs, ref, calls_split, inc_split) = runs
-    assert calls_one == [(5, 2, True)] * 4 and inc_one == [], (calls_one, inc_one)
-    assert calls_split == [(2, 2, None), (3, 0, None)] * 4 and inc_split == [5] * 4, (calls_split, inc_split)
+    tracks = opt_cls is AdamHD   # AdamHD's μ update is fused: on the CPU without an abs_sums tensor per step
+    assert calls_one == [(5, 2, True, True)] * 4 and inc_one == [], (calls_one, inc_one)
+    assert calls_split == [(2, 2, None, not tracks), (3, 0, None, not tracks)] * 4 and inc_split == [5] * 4, (
+        calls_split, inc_split)
     for p, q in zip(ps, qs):
         assert torch.equal(p.detach(), q.detach())
         assert opt.state[p].keys() == ref.state[q].keys()
