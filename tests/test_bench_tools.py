@@ -128,3 +128,18 @@ def test_step_breakdown_prints_both_optimizers_and_each_op_call():
     bad = subprocess.run([sys.executable, os.path.join(BENCH, "step_breakdown.py"), "--rounds", "0"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "at least 1" in bad.stderr
+
+
+def test_cold_call_costs_prints_a_row_per_call():
+    """bench/cold_call_costs.py (the figures behind fusedecay/_step_wrapper.py's docstring) runs and prints a positive
+    cold and warm time for each call; bad arguments exit with usage."""
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "cold_call_costs.py"), "--rounds", "2", "--flush-mib", "8",
+                          "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| call")]
+    assert len(rows) == 7 and any(r[0].startswith("record_function") for r in rows), out.stdout
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows), rows
+    bad = subprocess.run([sys.executable, os.path.join(BENCH, "cold_call_costs.py"), "--rounds", "0"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "at least 1" in bad.stderr

@@ -4,9 +4,9 @@ torch wraps every optimizer's ``step`` (``Optimizer.profile_hook_step``) in
 ``torch.autograd.profiler.record_function("Optimizer.step#<class>.step")`` around the step pre/post hooks, and
 optimizers add ``@torch.no_grad()``. Both are Python layers over C++ calls, and in training they run with cold
 caches (a forward and backward pass ran since the last step). On the Intel Xeon VM of bench/results, after
-512 MiB were written, the range alone took ~0.17 ms per step and the no_grad decorator ~0.04 ms (each
-measured around an empty body) — ~2 % of a 13.6M-param step, twice where a functional call adds its own
-no_grad.
+512 MiB were written, the range alone took ~0.13 ms per step and the no_grad decorator ~0.04 ms (each
+measured around an empty body by bench/cold_call_costs.py) — ~2 % of a 13.6M-param step, the no_grad twice where a
+functional call adds its own.
 
 :func:`optimizer_step` does what torch's wrapper and ``@torch.no_grad()`` do, in the same order (hooks in the
 caller's grad mode, the step with grad off), but opens the profiler range only while a profiler is on, and

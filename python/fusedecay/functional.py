@@ -109,6 +109,8 @@ def adam_decay(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
     delta_fixed = delta if (decay != "l2" and delta_mode == "fixed") else None
     mu_beta = 0.0 if delta_mode == "mean" else delta_beta
 
+    # μ's update runs in the kernel's reduction stage unless the sums must be all-reduced first.
+    fused_mu = tracks and abs_sum_reduce is None
     on = _PerDevice()
     buckets = _buckets(params, exp_avg_scales, backend)
     # t ← t + 1 before any kernel runs, one increment (and found_inf undo) per device, for the buckets whose backend
@@ -124,8 +126,6 @@ def adam_decay(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
         sub = lambda lst: [lst[i] for i in idx]  # noqa: E731
         quantized = exp_avg_scales is not None and any(exp_avg_scales[i] is not None for i in idx)
         extra = {"increment_steps": True} if b.increments_steps else {}
-        # μ's update runs in the kernel's reduction stage unless the sums must be all-reduced first.
-        fused_mu = tracks and abs_sum_reduce is None
         abs_sums = None
         if tracks and not (fused_mu and b.mu_without_abs_sums):
             abs_sums = torch.empty(len(idx), dtype=_mu_dtype(dtype), device=device)
