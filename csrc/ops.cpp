@@ -39,20 +39,28 @@ void run_cpu(Prepared& prep, const ScalarInputs& sc, const std::optional<at::Ten
     own_sums.resize(prep.num_params);
     sums = own_sums.data();
   }
-  std::vector<double> partials;
-  for (const LaunchGroup& gr : prep.groups) {
-    partials.assign(gr.chunks.size(), 0.0);
-    cpu::run_adam_decay<T>(ks, storage_kind(prep.param_dtype), moment_kind(gr.moment_dtype), gr.metas.data(),
-                           gr.chunks.data(), static_cast<int64_t>(gr.chunks.size()), prep.chunk_size,
-                           sums != nullptr ? partials.data() : nullptr);
-    if (sums != nullptr) {
-      for (const TensorMeta& t : gr.metas) {
-        const T sum = static_cast<T>(sum_partials(partials.data(), t.first_chunk, t.num_chunks));
-        sums[t.out_index] = sum;
-        if (update_mu) {  // μ is read by every chunk of the step above: updated only after all of them ran
-          T* mu = static_cast<T*>(t.mu);
-          *mu = delta_mu_next<T>(*mu, sum, static_cast<T>(t.mu_numel), ks.hyper);
-        }
+  // Every moment format's tensors in one parallel region (a group of small full-precision tensors beside the 8-bit
+  // ones would otherwise run alone, on one thread, after them).
+  std::vector<std::vector<double>> partials(prep.groups.size());
+  std::vector<cpu::LaunchPart> parts;
+  parts.reserve(prep.groups.size());
+  for (size_t k = 0; k < prep.groups.size(); ++k) {
+    const LaunchGroup& gr = prep.groups[k];
+    if (sums != nullptr) partials[k].assign(gr.chunks.size(), 0.0);
+    parts.push_back(cpu::LaunchPart{moment_kind(gr.moment_dtype), gr.metas.data(), gr.chunks.data(),
+                                    static_cast<int64_t>(gr.chunks.size()),
+                                    sums != nullptr ? partials[k].data() : nullptr});
+  }
+  cpu::run_adam_decay<T>(ks, storage_kind(prep.param_dtype), parts.data(), static_cast<int64_t>(parts.size()),
+                         prep.chunk_size);
+  if (sums == nullptr) return;
+  for (size_t k = 0; k < prep.groups.size(); ++k) {
+    for (const TensorMeta& t : prep.groups[k].metas) {
+      const T sum = static_cast<T>(sum_partials(partials[k].data(), t.first_chunk, t.num_chunks));
+      sums[t.out_index] = sum;
+      if (update_mu) {  // μ is read by every chunk of the step above: updated only after all of them ran
+        T* mu = static_cast<T*>(t.mu);
+        *mu = delta_mu_next<T>(*mu, sum, static_cast<T>(t.mu_numel), ks.hyper);
       }
     }
   }

@@ -5,10 +5,11 @@
 // and Q8Codec for 8-bit blockwise state (csrc/state8.h: decode per element, keep the block's updated
 // moments in registers, encode once its maxima are known) — one update loop for every state format.
 //
-// Work split: the shared chunk table (chunk_table.h). The chunks are divided among threads by
-// element count (contiguous runs of chunks, so a thread streams through memory); each chunk's
-// partial sum is computed by exactly one thread in a fixed order, so results do not depend on the
-// number of threads. The element loop is plain C++ over fixed-width lane blocks that GCC/Clang
+// Work split: the shared chunk table (chunk_table.h); a launch's tables for its moment formats (8-bit and full
+// precision) run in one parallel region. The chunks are divided among threads by element count (contiguous runs of
+// chunks, so a thread streams through memory), and a thread done with its run claims chunks left in the others';
+// each chunk's partial sum is computed by exactly one thread in a fixed order, so results do not depend on the
+// number of threads or on who ran which chunk. The element loop is plain C++ over fixed-width lane blocks that GCC/Clang
 // vectorise at -O3 (-fno-math-errno lets sqrt vectorise); on GCC/x86-64 the loop is additionally
 // cloned for AVX2 (target_clones) and compiled for AVX-512 (x86-64-v4) as separate functions, one of which is picked
 // at load time, since -march is not assumed. -ffp-contract=off keeps every variant's rounding identical.
@@ -19,6 +20,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -1017,24 +1019,40 @@ bool runs_avx512_form() { return zmm_clones(); }
 int64_t software_prefetch_distance() { return cpu_prefetch_distance(); }
 
 template <typename T>
-void run_adam_decay(const KernelScalars<T>& ks, int param_kind, int moment_kind, const TensorMeta* metas,
-                    const ChunkRef* chunks, int64_t num_chunks, int64_t chunk_size, double* partials) {
+void run_adam_decay(const KernelScalars<T>& ks, int param_kind, const LaunchPart* parts, int64_t num_parts,
+                    int64_t chunk_size) {
+  // The parts' chunk tables, end to end, as one list of work (index g: part `part_of(g)`, its chunk g − first[part]).
+  std::vector<int64_t> first(static_cast<size_t>(num_parts) + 1, 0);
+  for (int64_t q = 0; q < num_parts; ++q) first[q + 1] = first[q] + parts[q].num_chunks;
+  const int64_t num_chunks = first.back();
   if (num_chunks == 0) return;
   const bool skip = should_skip(ks);
-  const UpdateFn<T> update = Kernels<T>::update(param_kind, moment_kind, ks.hyper.decay, partials != nullptr);
+  std::vector<UpdateFn<T>> update(static_cast<size_t>(num_parts));
+  for (int64_t q = 0; q < num_parts; ++q) {
+    update[q] = Kernels<T>::update(param_kind, parts[q].moment_kind, ks.hyper.decay, parts[q].partials != nullptr);
+  }
   const auto abs_sum = Kernels<T>::abs_sum(param_kind);
-  const int64_t ps = storage_size(param_kind), ms = storage_size(moment_kind);
+  const int64_t ps = storage_size(param_kind);
   const int64_t prefetch = cpu_prefetch_distance();
+  const auto part_of = [&](int64_t g) {
+    int64_t q = 0;
+    while (g >= first[q + 1]) ++q;
+    return q;
+  };
 
-  auto run_chunk = [&](int64_t c) {
-    const ChunkRef& ch = chunks[c];
-    const TensorMeta& t = metas[ch.tensor];
+  auto run_chunk = [&](int64_t g) {
+    const int64_t q = part_of(g);
+    const LaunchPart& part = parts[q];
+    const int64_t c = g - first[q];
+    const ChunkRef& ch = part.chunks[c];
+    const TensorMeta& t = part.metas[ch.tensor];
     const int64_t start = chunk_begin(ch, chunk_size);
     const int64_t len = chunk_length(ch, t.numel, chunk_size);
+    const int64_t ms = storage_size(part.moment_kind);
     char* p = static_cast<char*>(t.param) + start * ps;
-    double part;
+    double sum;
     if (skip) {
-      part = abs_sum(p, len);
+      sum = abs_sum(p, len);
     } else {
       const T mu = t.mu != nullptr ? *static_cast<const T*>(t.mu) : T(0);
       const StepScalars<T> s = make_step_scalars<T>(ks, *t.step, mu);
@@ -1047,21 +1065,23 @@ void run_adam_decay(const KernelScalars<T>& ks, int param_kind, int moment_kind,
                            t.exp_avg_sq_scale != nullptr ? t.exp_avg_sq_scale + block : nullptr,
                            len,
                            prefetch};
-      part = update(args, s);
+      sum = update[q](args, s);
     }
-    if (partials != nullptr) partials[c] = part;
+    if (part.partials != nullptr) part.partials[c] = sum;
   };
 
-  // Element-balanced split of the chunk list into contiguous runs, one per task.
+  // Element-balanced split of the list into contiguous runs, one per task (a thread streams through memory).
   std::vector<int64_t> prefix(static_cast<size_t>(num_chunks) + 1, 0);
-  for (int64_t c = 0; c < num_chunks; ++c) {
-    prefix[c + 1] = prefix[c] + chunk_length(chunks[c], metas[chunks[c].tensor].numel, chunk_size);
+  for (int64_t g = 0; g < num_chunks; ++g) {
+    const int64_t q = part_of(g);
+    const ChunkRef& ch = parts[q].chunks[g - first[q]];
+    prefix[g + 1] = prefix[g] + chunk_length(ch, parts[q].metas[ch.tensor].numel, chunk_size);
   }
   const int64_t total = prefix.back();
   int64_t tasks = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, total / kMinElementsPerThread));
   tasks = std::min(tasks, num_chunks);
   if (tasks <= 1) {
-    for (int64_t c = 0; c < num_chunks; ++c) run_chunk(c);
+    for (int64_t g = 0; g < num_chunks; ++g) run_chunk(g);
     return;
   }
   std::vector<int64_t> bounds(static_cast<size_t>(tasks) + 1, num_chunks);
@@ -1071,15 +1091,38 @@ void run_adam_decay(const KernelScalars<T>& ks, int param_kind, int moment_kind,
     bounds[k] = std::lower_bound(prefix.begin(), prefix.end(), target) - prefix.begin();
     bounds[k] = std::max(bounds[k], bounds[k - 1]);
   }
+  // Each task claims the chunks of its own run in order, then helps the others with what is left of theirs (equal
+  // element counts do not take equal times: the memory a run lives in, 8-bit against full-precision chunks, a core
+  // that is interrupted). A chunk is claimed by exactly one fetch_add, so each partial is written by one thread and
+  // the sums do not depend on who ran what.
+  struct alignas(64) Cursor {
+    std::atomic<int64_t> next;
+  };
+  std::vector<Cursor> cursor(static_cast<size_t>(tasks));
+  for (int64_t k = 0; k < tasks; ++k) cursor[k].next.store(bounds[k], std::memory_order_relaxed);
   at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) {
-      for (int64_t c = bounds[k]; c < bounds[k + 1]; ++c) run_chunk(c);
+      for (int64_t j = 0; j < tasks; ++j) {
+        const int64_t owner = (k + j) % tasks;
+        for (int64_t g; (g = cursor[owner].next.fetch_add(1, std::memory_order_relaxed)) < bounds[owner + 1];) {
+          run_chunk(g);
+        }
+      }
     }
   });
 }
 
+template <typename T>
+void run_adam_decay(const KernelScalars<T>& ks, int param_kind, int moment_kind, const TensorMeta* metas,
+                    const ChunkRef* chunks, int64_t num_chunks, int64_t chunk_size, double* partials) {
+  const LaunchPart part{moment_kind, metas, chunks, num_chunks, partials};
+  run_adam_decay<T>(ks, param_kind, &part, 1, chunk_size);
+}
+
 template void run_adam_decay<float>(const KernelScalars<float>&, int, int, const TensorMeta*, const ChunkRef*, int64_t,
                                     int64_t, double*);
+template void run_adam_decay<float>(const KernelScalars<float>&, int, const LaunchPart*, int64_t, int64_t);
+template void run_adam_decay<double>(const KernelScalars<double>&, int, const LaunchPart*, int64_t, int64_t);
 template void run_adam_decay<double>(const KernelScalars<double>&, int, int, const TensorMeta*, const ChunkRef*,
                                      int64_t, int64_t, double*);
 

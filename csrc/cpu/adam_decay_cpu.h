@@ -9,8 +9,22 @@
 namespace fusedecay {
 namespace cpu {
 
-// Runs every chunk of the table (in parallel over chunks) and, when `partials` is not null, writes
-// Σ|θ_t| of chunk c to partials[c]. param_kind / moment_kind are StorageKinds.
+// The tensors of one launch whose moments share a storage format (moment_kind, a StorageKind), with their chunk table;
+// Σ|θ_t| of chunk c goes to partials[c] when partials is not null.
+struct LaunchPart {
+  int moment_kind;
+  const TensorMeta* metas;
+  const ChunkRef* chunks;
+  int64_t num_chunks;
+  double* partials;
+};
+
+// Runs every chunk of every part, in one parallel region over all of them (param_kind: a StorageKind).
+template <typename T>
+void run_adam_decay(const KernelScalars<T>& ks, int param_kind, const LaunchPart* parts, int64_t num_parts,
+                    int64_t chunk_size);
+
+// The same for a single part.
 template <typename T>
 void run_adam_decay(const KernelScalars<T>& ks, int param_kind, int moment_kind, const TensorMeta* metas,
                     const ChunkRef* chunks, int64_t num_chunks, int64_t chunk_size, double* partials);
