@@ -463,6 +463,10 @@ FD_ZMM_TARGET inline i32x16 f8_encode_normal_zmm(f32x16 x) {
   const __m512i t = _mm512_mask_add_epi32(even, odd, u, _mm512_set1_epi32(static_cast<int32_t>(F::kNormalAdd + 1u)));
   return (i32x16)_mm512_srli_epi32(t, F::kShift);
 }
+// 16 codes in 0…2^31 to bytes with unsigned saturation at 255 (vpmovusdb).
+FD_ZMM_TARGET inline void store_codes_saturated(uint8_t* p, I16<kZmmVectors> c) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtusepi32_epi8((__m512i)c.v[0]));
+}
 // 64 codes, four vectors' int32 lanes, stored as bytes in order by two in-lane packs with saturation and one dword
 // permutation: four shuffle operations where four vpmovdb (or vpmovusdb) take eight. Signed (m): the codes are in
 // −127…127, so the signed saturation changes nothing. Unsigned (v): codes in 0…2^12 (f8_encode_unclamped; never
@@ -738,15 +742,16 @@ struct Q8Codec {
                     !any_below(fd_from_bits(lm) * rm, FM::kMinNormal, FM::kMinNormalBits) &&
                     !any_below(fd_from_bits(lw) * rw, FV::kMinNormal, FV::kMinNormalBits);
   }
-  // Encoding (kNormal: values_normal holds). The AVX-512 form keeps the codes of four vectors and stores them packed
-  // after the fourth (store_codes4_zmm); the split form stores each vector's.
+  // Encoding (kNormal: values_normal holds). kPacked (AVX-512 form, a block's vectors unrolled: for_each_vector): the
+  // codes of four vectors are kept and stored packed after the fourth (store_codes4_zmm); else each vector's codes
+  // are narrowed and stored on their own.
 #if defined(FD_CPU_ZMM_CLONE)
   i32x16 cm[4], cv[4];
 #endif
-  template <bool kNormal>
+  template <bool kNormal, bool kPacked>
   FD_ALWAYS_INLINE void encode(int k, int64_t i) {
 #if defined(FD_CPU_ZMM_CLONE)
-    if constexpr (S == kZmmVectors) {
+    if constexpr (S == kZmmVectors && kPacked) {
       static_assert(kGroup % 4 == 0, "codes are stored four vectors at a time");
       if constexpr (kNormal) {  // state8::encode_exp_avg(_sq) with the AVX-512 normal encode
         const I16<S> q{{f8_encode_normal_zmm<state8::kExpBitsM>((fd_abs(km[k]) * rm).v[0])}};
@@ -762,6 +767,17 @@ struct Q8Codec {
       }
       return;
     }
+    if constexpr (S == kZmmVectors) {
+      if constexpr (kNormal) {  // state8::encode_exp_avg(_sq) with the AVX-512 normal encode
+        const I16<S> q{{f8_encode_normal_zmm<state8::kExpBitsM>((fd_abs(km[k]) * rm).v[0])}};
+        store_codes(m + i + k * kVecLanes, fd_select(fd_is_negative(km[k]), -q, q));
+        store_codes_saturated(v + i + k * kVecLanes, I16<S>{{f8_encode_normal_zmm<state8::kExpBitsV>((kw[k] * rw).v[0])}});
+      } else {  // the clamp to 255 is the narrowing's saturation
+        store_codes(m + i + k * kVecLanes, state8::encode_exp_avg<F16<S>, false>(km[k], rm));
+        store_codes_saturated(v + i + k * kVecLanes, state8::encode_exp_avg_sq_unclamped<F16<S>>(kw[k], rw));
+      }
+      return;
+    }
 #endif
     store_codes(m + i + k * kVecLanes, state8::encode_exp_avg<F16<S>, kNormal>(km[k], rm));
     store_codes(v + i + k * kVecLanes, state8::encode_exp_avg_sq<F16<S>, kNormal>(kw[k], rw));
@@ -769,13 +785,14 @@ struct Q8Codec {
 #endif
 };
 
-// fn(k) for k = 0…N−1, the vectors of a block: unrolled in the AVX-512 form (its 32 registers hold a block's kept m
-// and √v, and the packed code stores need the vector index at compile time; 8-bit prox + Σ|θ| 0.61 → 0.58 ns/element
-// in cache), a loop in the split form (unrolled, AVX2's 16 registers spill: 1.11 → 1.17). bench/kernel_direct.sh,
-// 2^17 elements, 1 thread, this project's Intel Xeon VM.
-template <int S, int N, typename Fn>
+// fn(k) for k = 0…N−1, the vectors of a block: unrolled (kUnroll) or a loop. Unrolled where it was measured faster:
+// the AVX-512 form with fp32 params (its 32 registers hold a block's kept m and √v, and the packed code stores need
+// the vector index at compile time; 8-bit prox + Σ|θ| 0.61 → 0.58 ns/element in cache). The split form unrolled
+// spills AVX2's 16 registers (1.11 → 1.17), and the AVX-512 form with bf16 params ran its step ~15 % slower unrolled
+// (bench/bench_paired_step.py, bf16 params, 8-bit state). bench/results/ab-packed-codes/.
+template <int N, bool kUnroll, typename Fn>
 FD_ALWAYS_INLINE void for_each_vector(Fn&& fn) {
-  if constexpr (S == kZmmVectors) {
+  if constexpr (kUnroll) {
 #pragma GCC unroll 16
     for (int k = 0; k < N; ++k) fn(k);
   } else {
@@ -861,8 +878,9 @@ FD_ALWAYS_INLINE double update_chunk(const ChunkArgs& a, const StepScalars<T>& s
           // update (the division) beside each vector's encoding. The divider's work is then spread over both
           // passes, each with integer work to overlap, instead of the encoder's pass leaving the divider idle.
           // Each pass is compiled twice, for blocks with and without subnormal codes (see Q8Codec).
+          constexpr bool kUnroll = Codec::kForm == kZmmVectors && std::is_same<P, float>::value;
           const auto decode_pass = [&](auto normal) FD_LAMBDA_INLINE {
-            for_each_vector<Codec::kForm, G>([&](int k) FD_LAMBDA_INLINE {
+            for_each_vector<G, kUnroll>([&](int k) FD_LAMBDA_INLINE {
               const int64_t j = base + i + k * kVecLanes;
               V mm = codec.template load_m<decltype(normal)::value>(j);
               V vv = codec.template load_v<decltype(normal)::value>(j);
@@ -871,12 +889,12 @@ FD_ALWAYS_INLINE double update_chunk(const ChunkArgs& a, const StepScalars<T>& s
             });
           };
           const auto encode_pass = [&](auto normal) FD_LAMBDA_INLINE {
-            for_each_vector<Codec::kForm, G>([&](int k) FD_LAMBDA_INLINE {
+            for_each_vector<G, kUnroll>([&](int k) FD_LAMBDA_INLINE {
               const int64_t j = base + i + k * kVecLanes;
               const V th = adam_param<D, float, V>(VecIo<P>::template load<Codec::kForm>(p + j), codec.km[k],
                                                    codec.kw[k], sc);
               const V stored = VecIo<P>::store(p + j, th);
-              codec.template encode<decltype(normal)::value>(k, base + i);
+              codec.template encode<decltype(normal)::value, kUnroll>(k, base + i);
               if (Sum) acc = acc + fd_abs(stored);
             });
           };
