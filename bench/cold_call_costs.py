@@ -1,5 +1,6 @@
 """What a few per-step Python/torch calls cost with cold caches, each timed alone around an empty body: what
-fusedecay/_step_wrapper.py and the CPU path of fusedecay.functional avoid or replace.
+fusedecay/_step_wrapper.py and the CPU path of fusedecay.functional avoid or replace, and, for scale, one trivial
+ATen op and one trivial fusedecay op (the floor of any op call made after the caches were overwritten).
 
     python bench/cold_call_costs.py            # 512 MiB written before each call, median of 25, µs
 
@@ -9,10 +10,14 @@ fusedecay/_step_wrapper.py and the CPU path of fusedecay.functional avoid or rep
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
 
 
 def main() -> None:
@@ -54,6 +59,15 @@ def main() -> None:
              ("torch.compiler.is_compiling()", torch.compiler.is_compiling),
              ("torch.empty(52) (the per-step abs_sums tensor)", lambda: torch.empty(52, dtype=torch.float32,
                                                                                       device=cpu))]
+    counter = torch.zeros(())
+    cases.append(("counter.add_(1) on a 0-d tensor (one ATen op)", lambda: counter.add_(1)))
+    try:
+        from fusedecay import _cpp_backend  # noqa: F401  (registers torch.ops.fusedecay)
+        steps = [torch.zeros(())]
+        inc = torch.ops.fusedecay._increment_steps_
+        cases.append(("torch.ops.fusedecay._increment_steps_ of one 0-d tensor (one fusedecay op)", lambda: inc(steps)))
+    except ImportError as e:   # no compiled CPU kernels: the row is left out
+        print(f"(fusedecay op row left out: {e})")
     print(f"{a.threads} threads, {a.flush_mib} MiB written before each cold call, medians of {a.rounds}, µs")
     print()
     print("| call | cold | warm |")
