@@ -95,7 +95,8 @@ FD_HD bool fd_less_nonneg(float x, float c, int32_t) { return x < c; }
 // (kSubMagic) instead of a multiply and a round-to-integer.
 // f8_encode_unclamped is F8 before the clamp: the same code for x ≤ 1 (and the values just above 1 that round to it),
 // a larger one (below 2^12, never negative) for NaN and larger x — so an unsigned saturating narrowing to kMaxCode
-// (the AVX-512 form packs codes with vpackusdw/vpackuswb for E = 5) is the clamp.
+// (for E = 5 the AVX-512 form's vpmovusdb, or its vpackusdw/vpackuswb packs where it stores four vectors at once) is the
+// clamp.
 // kNormal: the caller knows that every x is finite and at least kMinNormal, so the normal branch alone gives the same
 // codes (the CPU's vector loop, for a block whose smallest x it has checked: Q8Codec).
 template <int E, bool kNormal = false, typename V>
