@@ -788,7 +788,7 @@ struct Q8Codec {
 // fn(k) for k = 0…N−1, the vectors of a block: unrolled (kUnroll) or a loop. Unrolled where it was measured faster:
 // the AVX-512 form with fp32 params (its 32 registers hold a block's kept m and √v, and the packed code stores need
 // the vector index at compile time; 8-bit prox + Σ|θ| 0.61 → 0.58 ns/element in cache). The split form unrolled
-// spills AVX2's 16 registers (1.11 → 1.17), and the AVX-512 form with bf16 params ran its step ~15 % slower unrolled
+// spills AVX2's 16 registers (1.13 → 1.17, medians of six), and the AVX-512 form with bf16 params ran its step ~15 % slower unrolled
 // (bench/bench_paired_step.py, bf16 params, 8-bit state). bench/results/ab-packed-codes/.
 template <int N, bool kUnroll, typename Fn>
 FD_ALWAYS_INLINE void for_each_vector(Fn&& fn) {
